@@ -1,0 +1,64 @@
+// LSTM cell in torch.nn's formulation (gate order i, f, g, o):
+//   i, f, o = sigmoid(W_i* x + b_i* + W_h* h + b_h*),  g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+//   c' = f * c + i * g,  h' = o * tanh(c')
+// Input-side and hidden-side gate gradients are equal, so the cell writes dgx only.
+//
+// Pointer shapes, for one batch row and hidden size H (G = 4 gates):
+//   xg [4H], hg [4H], b_hh [4H], c_prev [H], h_out [H], c_out [H]
+//   saved [6H] = i, f, g, o, c', tanh(c')
+//   dc [H]: in, the gradient w.r.t. c'; out, the gradient w.r.t. c (updated in place)
+#pragma once
+
+#include "common.h"
+
+namespace rnnext {
+namespace cells {
+
+struct Lstm {
+  static constexpr int kGates = 4;
+  static constexpr int kSaved = 6;
+  static constexpr bool kHasCellState = true;
+  static constexpr int kStateInSaved = 4;  // c' sits at [4H, 5H) of the saved row
+  static constexpr bool kSeparateHiddenGrad = false;
+
+  template <typename T>
+  RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* /*h_prev*/,
+                                const T* c_prev, T* h_out, T* c_out, T* saved, int64_t H,
+                                int64_t j) {
+    const T i = sigmoid(xg[j] + hg[j] + b_hh[j]);
+    const T f = sigmoid(xg[H + j] + hg[H + j] + b_hh[H + j]);
+    const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b_hh[2 * H + j]);
+    const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j] + b_hh[3 * H + j]);
+    const T c = f * c_prev[j] + i * g;
+    const T tc = tanh_(c);
+    h_out[j] = o * tc;
+    c_out[j] = c;
+    saved[j] = i;
+    saved[H + j] = f;
+    saved[2 * H + j] = g;
+    saved[3 * H + j] = o;
+    saved[4 * H + j] = c;
+    saved[5 * H + j] = tc;
+  }
+
+  template <typename T>
+  RNNEXT_HD static void backward(const T* saved, const T* /*h_out*/, const T* /*h_prev*/,
+                                 const T* c_prev, T dh, T* dc, T* dgx, T* /*dgh*/,
+                                 T* dh_prev_direct, int64_t H, int64_t j) {
+    const T i = saved[j];
+    const T f = saved[H + j];
+    const T g = saved[2 * H + j];
+    const T o = saved[3 * H + j];
+    const T tc = saved[5 * H + j];
+    const T dc_total = dc[j] + dh * o * tanh_grad(tc);
+    dgx[j] = dc_total * g * sigmoid_grad(i);
+    dgx[H + j] = dc_total * c_prev[j] * sigmoid_grad(f);
+    dgx[2 * H + j] = dc_total * i * tanh_grad(g);
+    dgx[3 * H + j] = dh * tc * sigmoid_grad(o);
+    dc[j] = dc_total * f;
+    dh_prev_direct[j] = T(0);
+  }
+};
+
+}  // namespace cells
+}  // namespace rnnext

@@ -1,0 +1,106 @@
+#include "layer_args.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace rnnext {
+
+CellKind parse_mode(c10::string_view mode) {
+  const std::string m(mode.data(), mode.size());
+  if (m == "RNN_TANH") return CellKind::kRnnTanh;
+  if (m == "RNN_RELU") return CellKind::kRnnRelu;
+  if (m == "GRU") return CellKind::kGru;
+  if (m == "LSTM") return CellKind::kLstm;
+  TORCH_CHECK_VALUE(false, "rnnext: mode must be one of 'RNN_TANH', 'RNN_RELU', 'GRU', 'LSTM', ",
+                    "got '", m, "'");
+}
+
+int64_t gate_count(CellKind cell) {
+  return cells::visit(cell, [](auto c) -> int64_t { return decltype(c)::kGates; });
+}
+
+int64_t saved_width(CellKind cell) {
+  return cells::visit(cell, [](auto c) -> int64_t { return decltype(c)::kSaved; });
+}
+
+void check_like_input(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& input,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && t.sizes() == shape, op,
+                    ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
+                   " must have the input's dtype ", input.scalar_type(), ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name,
+                    " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
+
+LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
+                            at::TensorList weights, const std::optional<at::Tensor>& hx,
+                            const std::optional<at::Tensor>& cx, bool has_biases,
+                            bool bidirectional, const std::optional<at::Tensor>& lengths) {
+  LayerShape s;
+  s.cell = parse_mode(mode);
+  s.G = gate_count(s.cell);
+  s.S = saved_width(s.cell);
+  s.D = bidirectional ? 2 : 1;
+  s.has_biases = has_biases;
+
+  TORCH_CHECK_VALUE(!lengths.has_value(), op,
+                    ": lengths must be None: per-sequence lengths are not supported yet");
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I] (time-major), got ",
+                    input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+                   ": input must be float32 or float64, got ", input.scalar_type());
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.I = input.size(2);
+  TORCH_CHECK_VALUE(s.T > 0, op, ": input must have at least one time step, got shape ",
+                    input.sizes());
+
+  const int64_t per_dir = has_biases ? 4 : 2;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == per_dir * s.D, op, ": weights must ",
+                    "hold ", per_dir * s.D, " tensors (w_ih, w_hh",
+                    has_biases ? ", b_ih, b_hh" : "", " per direction), got ", weights.size(),
+                    " (a projection weight w_hr is not supported yet)");
+  TORCH_CHECK_VALUE(weights[0].dim() == 2 && weights[0].size(0) % s.G == 0 &&
+                        weights[0].size(0) > 0,
+                    op, ": weights[0] (w_ih) must be 2-D [", s.G, "*H, I] with H > 0, got shape ",
+                    weights[0].sizes());
+  s.H = weights[0].size(0) / s.G;
+  const int64_t GH = s.G * s.H;
+
+  for (int64_t d = 0; d < s.D; ++d) {
+    const at::Tensor* w = weights.data() + d * per_dir;
+    auto name = [&](int64_t k) {
+      static const char* kRole[4] = {"w_ih", "w_hh", "b_ih", "b_hh"};
+      return "weights[" + std::to_string(d * per_dir + k) + "] (" + kRole[k] +
+             (d ? " of the reverse direction)" : ")");
+    };
+    DirectionWeights dw;
+    check_like_input(op, name(0), w[0], input, {GH, s.I});
+    check_like_input(op, name(1), w[1], input, {GH, s.H});
+    dw.w_ih = w[0];
+    dw.w_hh = w[1];
+    if (has_biases) {
+      check_like_input(op, name(2), w[2], input, {GH});
+      check_like_input(op, name(3), w[3], input, {GH});
+      dw.b_ih = w[2];
+      dw.b_hh = w[3];
+    }
+    s.dirs.push_back(dw);
+  }
+
+  if (hx.has_value()) check_like_input(op, "hx", *hx, input, {s.D, s.B, s.H});
+  if (s.cell == CellKind::kLstm) {
+    if (cx.has_value()) check_like_input(op, "cx", *cx, input, {s.D, s.B, s.H});
+  } else {
+    TORCH_CHECK_VALUE(!cx.has_value(), op, ": cx must be None for mode '",
+                      std::string(mode.data(), mode.size()), "', got a tensor of shape ",
+                      cx->sizes());
+  }
+  return s;
+}
+
+}  // namespace rnnext

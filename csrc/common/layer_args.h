@@ -1,0 +1,55 @@
+// Argument checks shared by every backend's host code. Each check names the argument, what
+// was expected and what came, so a caller of torch.ops.rnnext.* sees exactly what is wrong.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include "../cells/dispatch.h"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace rnnext {
+
+using CellKind = cells::Kind;
+
+// mode: torch.nn's names, "RNN_TANH", "RNN_RELU", "GRU" or "LSTM".
+CellKind parse_mode(c10::string_view mode);
+int64_t gate_count(CellKind cell);
+// Floats saved per batch row and step for backward, in units of H.
+int64_t saved_width(CellKind cell);
+
+// One direction's weights, taken from the op's flat `weights` list, which holds per direction
+// w_ih, w_hh and, with biases, b_ih, b_hh: torch.nn's `_flat_weights` order for one layer.
+struct DirectionWeights {
+  at::Tensor w_ih;  // [G*H, I]
+  at::Tensor w_hh;  // [G*H, H]
+  at::Tensor b_ih;  // [G*H], undefined without biases
+  at::Tensor b_hh;  // [G*H], undefined without biases
+};
+
+// Sizes of one layer call: T steps, B batch rows, I inputs, H hidden units, G gates,
+// D directions, S saved width (units of H).
+struct LayerShape {
+  CellKind cell;
+  int64_t T, B, I, H, G, D, S;
+  bool has_biases;
+  std::vector<DirectionWeights> dirs;
+};
+
+// Checks the forward op's arguments and returns their sizes.
+// input [T, B, I]; hx [D, B, H]; cx [D, B, H] (LSTM only); lengths must be None for now.
+LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
+                            at::TensorList weights, const std::optional<at::Tensor>& hx,
+                            const std::optional<at::Tensor>& cx, bool has_biases,
+                            bool bidirectional, const std::optional<at::Tensor>& lengths);
+
+// Checks a tensor the backward op takes besides the forward's arguments: same dtype and
+// device as the input and exactly the shape the forward made.
+void check_like_input(const char* op, const std::string& name, const at::Tensor& t,
+                      const at::Tensor& input, at::IntArrayRef shape);
+
+}  // namespace rnnext

@@ -1,0 +1,38 @@
+// The rnnext operator library: every op's schema, declared once. Backends register their
+// implementations in their own files (cpu/, cuda/) with TORCH_LIBRARY_IMPL.
+//
+// One call runs one layer over all time steps, for one or both directions:
+//   mode     "RNN_TANH" | "RNN_RELU" | "GRU" | "LSTM" (torch.nn's names)
+//   input    [T, B, I] time-major, float32 or float64
+//   weights  per direction w_ih [G*H, I], w_hh [G*H, H] and, when has_biases, b_ih [G*H],
+//            b_hh [G*H], in torch.nn's gate order (G = 1, 3, 4 for RNN, GRU, LSTM)
+//   hx, cx   [D, B, H] initial states (zeros when None; cx for LSTM only), D = 2 if bidirectional
+//   lengths  reserved for per-sequence lengths; must be None for now
+// layer_forward returns output [T, B, D*H], h_n [D, B, H], c_n [D, B, H] (LSTM; else [0]) and
+// the workspace [D, T, B, S*H] that layer_backward needs ([0] when need_workspace is false).
+// layer_backward returns grad_input [T, B, I], grad_hx and grad_cx [D, B, H], and the weight
+// gradients in the order of `weights`; each is empty where output_mask (input, states,
+// weights) says it is not needed. A None gradient argument counts as zeros.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import rnnext._C` loads this library, which registers the ops; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(rnnext, m) {
+  m.def(
+      "layer_forward(str mode, Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
+      "bool has_biases, bool bidirectional, Tensor? lengths, bool need_workspace) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "layer_backward(str mode, Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
+      "Tensor output, Tensor workspace, Tensor? grad_output, Tensor? grad_h_n, "
+      "Tensor? grad_c_n, bool has_biases, bool bidirectional, Tensor? lengths, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor[] grad_weights)",
+      {at::Tag::pt2_compliant_tag});
+}

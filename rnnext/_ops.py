@@ -1,0 +1,113 @@
+"""The rnnext operators and their fake kernels.
+
+``torch.ops.rnnext.layer_forward`` and ``torch.ops.rnnext.layer_backward`` run one recurrent
+layer (all time steps, one or both directions); csrc/rnnext.cpp documents their arguments.
+The fake kernels give the output shapes without computing, for ``torch.compile`` and
+meta tensors, and check what they can see: ranks, sizes, dtypes and devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.rnnext)
+
+GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+# Floats saved per batch row and step for backward, in units of H (csrc/cells/*.h, kSaved).
+SAVED_WIDTH = {"RNN_TANH": 0, "RNN_RELU": 0, "GRU": 4, "LSTM": 6}
+
+Tensor = torch.Tensor
+
+
+def _check_like(op: str, name: str, t: Tensor, input: Tensor, shape: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(
+            f"{op}: {name} must be on the input's device {input.device}, got {t.device}"
+        )
+
+
+def _layer_sizes(
+    op: str,
+    mode: str,
+    input: Tensor,
+    weights: Sequence[Tensor],
+    hx: Optional[Tensor],
+    cx: Optional[Tensor],
+    has_biases: bool,
+    bidirectional: bool,
+) -> tuple[int, int, int, int, int]:
+    """Checks the shared arguments of both ops; returns (T, B, H, D, S)."""
+    if mode not in GATES:
+        raise ValueError(f"rnnext: mode must be one of {list(GATES)}, got {mode!r}")
+    if input.dim() != 3:
+        raise ValueError(
+            f"{op}: input must be 3-D [T, B, I] (time-major), got {input.dim()}-D "
+            f"with shape {list(input.shape)}"
+        )
+    T, B, I = input.shape
+    G, D = GATES[mode], 2 if bidirectional else 1
+    per_dir = 4 if has_biases else 2
+    if len(weights) != per_dir * D:
+        raise ValueError(f"{op}: weights must hold {per_dir * D} tensors, got {len(weights)}")
+    H = weights[0].shape[0] // G
+    for d in range(D):
+        expected = [(G * H, I), (G * H, H), (G * H,), (G * H,)][:per_dir]
+        for k, shape in enumerate(expected):
+            _check_like(op, f"weights[{d * per_dir + k}]", weights[d * per_dir + k], input, shape)
+    if hx is not None:
+        _check_like(op, "hx", hx, input, (D, B, H))
+    if cx is not None:
+        if mode != "LSTM":
+            raise ValueError(f"{op}: cx must be None for mode {mode!r}")
+        _check_like(op, "cx", cx, input, (D, B, H))
+    return T, B, H, D, SAVED_WIDTH[mode]
+
+
+@torch.library.register_fake("rnnext::layer_forward")
+def _layer_forward_fake(
+    mode, input, weights, hx, cx, has_biases, bidirectional, lengths, need_workspace
+):
+    T, B, H, D, S = _layer_sizes(
+        "rnnext.layer_forward", mode, input, weights, hx, cx, has_biases, bidirectional
+    )
+    output = input.new_empty((T, B, D * H))
+    h_n = input.new_empty((D, B, H))
+    c_n = input.new_empty((D, B, H) if mode == "LSTM" else (0,))
+    workspace = input.new_empty((D, T, B, S * H) if need_workspace else (0,))
+    return output, h_n, c_n, workspace
+
+
+@torch.library.register_fake("rnnext::layer_backward")
+def _layer_backward_fake(
+    mode,
+    input,
+    weights,
+    hx,
+    cx,
+    output,
+    workspace,
+    grad_output,
+    grad_h_n,
+    grad_c_n,
+    has_biases,
+    bidirectional,
+    lengths,
+    output_mask,
+):
+    T, B, H, D, S = _layer_sizes(
+        "rnnext.layer_backward", mode, input, weights, hx, cx, has_biases, bidirectional
+    )
+    need_input, need_state, need_weights = output_mask
+    empty = input.new_empty((0,))
+    grad_input = input.new_empty(input.shape) if need_input else empty
+    grad_hx = input.new_empty((D, B, H)) if need_state else empty
+    grad_cx = input.new_empty((D, B, H)) if need_state and mode == "LSTM" else empty
+    grad_weights = [torch.empty_like(w) for w in weights] if need_weights else []
+    return grad_input, grad_hx, grad_cx, grad_weights
