@@ -9,7 +9,6 @@ meta tensors, and check what they can see: ranks, sizes, dtypes and devices.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -38,8 +37,8 @@ def _layer_sizes(
     mode: str,
     input: Tensor,
     weights: Sequence[Tensor],
-    hx: Optional[Tensor],
-    cx: Optional[Tensor],
+    hx: Tensor | None,
+    cx: Tensor | None,
     has_biases: bool,
     bidirectional: bool,
 ) -> tuple[int, int, int, int, int]:
@@ -105,9 +104,8 @@ def _layer_backward_fake(
         "rnnext.layer_backward", mode, input, weights, hx, cx, has_biases, bidirectional
     )
     need_input, need_state, need_weights = output_mask
-    empty = input.new_empty((0,))
-    grad_input = input.new_empty(input.shape) if need_input else empty
-    grad_hx = input.new_empty((D, B, H)) if need_state else empty
-    grad_cx = input.new_empty((D, B, H)) if need_state and mode == "LSTM" else empty
+    grad_input = input.new_empty(input.shape if need_input else (0,))
+    grad_hx = input.new_empty((D, B, H) if need_state else (0,))
+    grad_cx = input.new_empty((D, B, H) if need_state and mode == "LSTM" else (0,))
     grad_weights = [torch.empty_like(w) for w in weights] if need_weights else []
     return grad_input, grad_hx, grad_cx, grad_weights

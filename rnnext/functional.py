@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -16,8 +15,8 @@ def recurrent_layer(
     mode: str,
     input: Tensor,
     weights: Sequence[Tensor],
-    hx: Optional[Tensor] = None,
-    cx: Optional[Tensor] = None,
+    hx: Tensor | None = None,
+    cx: Tensor | None = None,
     *,
     has_biases: bool = True,
     bidirectional: bool = False,

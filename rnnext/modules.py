@@ -1,14 +1,14 @@
 """Drop-in replacements for torch.nn.RNN, torch.nn.GRU and torch.nn.LSTM.
 
-Each module subclasses its torch.nn counterpart, so the constructor, defaults, validation,
-parameter names, shapes, registration order, initialisation and ``state_dict`` keys are
-torch.nn's own; only ``forward`` runs rnnext's fused kernels. A ``state_dict`` therefore
-moves between torch.nn and rnnext in both directions and gives the same results.
+Each module is a torch.nn.RNNBase, built by torch.nn's own constructor: the arguments,
+defaults, validation, parameter names, shapes, registration order, initialisation and
+``state_dict`` keys are torch.nn's. Only ``forward`` differs: it runs rnnext's fused kernels.
+A ``state_dict`` therefore moves between torch.nn and rnnext in both directions and gives the
+same results. They derive from RNNBase rather than from torch.nn.RNN, GRU or LSTM because
+torch.compile refuses to trace those three classes; rnnext's modules compile as one graph.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
@@ -19,15 +19,37 @@ from .functional import recurrent_layer
 Tensor = torch.Tensor
 
 
-class _FusedRNNMixin:
-    """forward() for torch.nn's RNN modules on rnnext's layer op."""
+class _FusedRNNBase(nn.RNNBase):
+    """torch.nn's RNNBase with forward() on rnnext's layer op."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            mode,
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            proj_size=proj_size,
+            device=device,
+            dtype=dtype,
+        )
         self._check_supported()
-
-    def forward(self, input, hx=None):
-        return self._fused_forward(input, hx)
 
     def _check_supported(self) -> None:
         name = f"rnnext.{type(self).__name__}"
@@ -69,7 +91,10 @@ class _FusedRNNMixin:
         if not batched:
             input = input.unsqueeze(batch_dim)
             states = [s.unsqueeze(1) if s is not None else None for s in states]
-        self.check_forward_args(input, tuple(states) if is_lstm and hx is not None else states[0], None)
+        if hx is None:
+            self.check_input(input, None)
+        else:
+            self.check_forward_args(input, tuple(states) if is_lstm else states[0], None)
         if self.batch_first:
             input = input.transpose(0, 1)
         h0, c0 = (states + [None])[:2]
@@ -85,11 +110,12 @@ class _FusedRNNMixin:
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
-            output, h_n, c_n = output.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
+            output, h_n = output.squeeze(batch_dim), h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if is_lstm else c_n
         return output, ((h_n, c_n) if is_lstm else h_n)
 
 
-class RNN(_FusedRNNMixin, nn.RNN):
+class RNN(_FusedRNNBase):
     r"""Elman RNN, ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``; torch.nn.RNN's API.
 
     Arguments as :class:`torch.nn.RNN`. Input ``[T, B, I]`` (``[B, T, I]`` with
@@ -97,8 +123,43 @@ class RNN(_FusedRNNMixin, nn.RNN):
     Returns ``(output [T, B, H], h_n [1, B, H])``.
     """
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            modes[nonlinearity],
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+        )
 
-class GRU(_FusedRNNMixin, nn.GRU):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._fused_forward(input, hx)
+
+
+class GRU(_FusedRNNBase):
     r"""GRU in torch.nn's formulation; torch.nn.GRU's API.
 
     Arguments as :class:`torch.nn.GRU`. Input ``[T, B, I]`` (``[B, T, I]`` with
@@ -106,11 +167,76 @@ class GRU(_FusedRNNMixin, nn.GRU):
     Returns ``(output [T, B, H], h_n [1, B, H])``.
     """
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            "GRU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+        )
 
-class LSTM(_FusedRNNMixin, nn.LSTM):
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._fused_forward(input, hx)
+
+
+class LSTM(_FusedRNNBase):
     r"""LSTM in torch.nn's formulation; torch.nn.LSTM's API.
 
     Arguments as :class:`torch.nn.LSTM`. Input ``[T, B, I]`` (``[B, T, I]`` with
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` a tuple ``(h_0, c_0)`` of ``[1, B, H]``
     (``[1, H]`` unbatched). Returns ``(output [T, B, H], (h_n [1, B, H], c_n [1, B, H]))``.
     """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device=device,
+            dtype=dtype,
+        )
+
+    # torch.nn.LSTM's own checks of the (h_0, c_0) pair, with its messages
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return self._fused_forward(input, hx)

@@ -8,7 +8,6 @@ Autograd through it gives the reference gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -19,12 +18,12 @@ def cell_step(
     mode: str,
     x: Tensor,
     h: Tensor,
-    c: Optional[Tensor],
+    c: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
-) -> tuple[Tensor, Optional[Tensor]]:
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
     """One step of one cell. x [B, I], h and c [B, H]; returns (h', c') (c' None but LSTM)."""
     gx = x @ w_ih.t()
     gh = h @ w_hh.t()
@@ -53,8 +52,8 @@ def recurrent_layer(
     mode: str,
     input: Tensor,
     weights: Sequence[Tensor],
-    hx: Optional[Tensor] = None,
-    cx: Optional[Tensor] = None,
+    hx: Tensor | None = None,
+    cx: Tensor | None = None,
     *,
     has_biases: bool = True,
     bidirectional: bool = False,

@@ -25,8 +25,8 @@ struct Gru {
 
   template <typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* h_prev,
-                                const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* saved,
-                                int64_t H, int64_t j) {
+                                const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* saved, int64_t H,
+                                int64_t j) {
     const T r = sigmoid(xg[j] + hg[j] + b_hh[j]);
     const T z = sigmoid(xg[H + j] + hg[H + j] + b_hh[H + j]);
     const T hn = hg[2 * H + j] + b_hh[2 * H + j];

@@ -24,17 +24,15 @@ int64_t saved_width(CellKind cell) {
   return cells::visit(cell, [](auto c) -> int64_t { return decltype(c)::kSaved; });
 }
 
-void check_like_input(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& input,
-                  at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && t.sizes() == shape, op,
-                    ": ", name, " must have shape ", shape, ", got ", t.sizes());
+void check_like_input(const char* op, const std::string& name, const at::Tensor& t,
+                      const at::Tensor& input, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && t.sizes() == shape, op, ": ",
+                    name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
-                   " must have the input's dtype ", input.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name,
-                    " must be on the input's device ", input.device(), ", got ", t.device());
+                   " must have the input's dtype ", input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " must be on the input's device ",
+                    input.device(), ", got ", t.device());
 }
-
 
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
@@ -64,10 +62,10 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
                     "hold ", per_dir * s.D, " tensors (w_ih, w_hh",
                     has_biases ? ", b_ih, b_hh" : "", " per direction), got ", weights.size(),
                     " (a projection weight w_hr is not supported yet)");
-  TORCH_CHECK_VALUE(weights[0].dim() == 2 && weights[0].size(0) % s.G == 0 &&
-                        weights[0].size(0) > 0,
-                    op, ": weights[0] (w_ih) must be 2-D [", s.G, "*H, I] with H > 0, got shape ",
-                    weights[0].sizes());
+  TORCH_CHECK_VALUE(
+      weights[0].dim() == 2 && weights[0].size(0) % s.G == 0 && weights[0].size(0) > 0, op,
+      ": weights[0] (w_ih) must be 2-D [", s.G, "*H, I] with H > 0, got shape ",
+      weights[0].sizes());
   s.H = weights[0].size(0) / s.G;
   const int64_t GH = s.G * s.H;
 

@@ -5,12 +5,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
-#include "../cells/dispatch.h"
-
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "../cells/dispatch.h"
 
 namespace rnnext {
 

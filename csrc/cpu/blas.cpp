@@ -12,8 +12,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace rnnext {
@@ -21,9 +21,8 @@ namespace cpu {
 namespace {
 
 template <typename T>
-using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*,
-                             const T*, const T*, const int*, const T*, const int*, const T*, T*,
-                             const int*);
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
+                             const T*, const int*, const T*, const int*, const T*, T*, const int*);
 
 template <typename T>
 FortranGemm<T> fortran_gemm();
@@ -37,9 +36,8 @@ FortranGemm<double> fortran_gemm<double>() {
 }
 
 bool fits_int(std::initializer_list<int64_t> values) {
-  return std::all_of(values.begin(), values.end(), [](int64_t v) {
-    return v <= std::numeric_limits<int>::max();
-  });
+  return std::all_of(values.begin(), values.end(),
+                     [](int64_t v) { return v <= std::numeric_limits<int>::max(); });
 }
 
 template <typename T>
@@ -72,8 +70,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
                           const float*, int64_t, float, float*, int64_t);
-template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*,
-                           int64_t, const double*, int64_t, double, double*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                           const double*, int64_t, double, double*, int64_t);
 
 }  // namespace cpu
 }  // namespace rnnext

@@ -42,8 +42,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor output = at::empty({s.T, s.B, s.D * s.H}, opts);
   Tensor h_n = at::empty({s.D, s.B, s.H}, opts);
   Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
-  Tensor workspace = need_workspace ? at::empty({s.D, s.T, s.B, s.S * s.H}, opts)
-                                    : at::empty({0}, opts);
+  Tensor workspace =
+      need_workspace ? at::empty({s.D, s.T, s.B, s.S * s.H}, opts) : at::empty({0}, opts);
   const Tensor x2d = input.view({s.T * s.B, s.I});
 
   for (int64_t d = 0; d < s.D; ++d) {
@@ -92,8 +92,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
     bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask) {
   const char* op = "rnnext.layer_backward";
-  const LayerShape s = check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases,
-                                        bidirectional, lengths);
+  const LayerShape s =
+      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
   const bool has_state = s.cell == CellKind::kLstm;
   check_like_input(op, "output", output, input_arg, {s.T, s.B, s.D * s.H});
   check_like_input(op, "workspace", workspace_arg, input_arg, {s.D, s.T, s.B, s.S * s.H});
@@ -111,16 +111,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor input = input_arg.contiguous();
   const Tensor out = output.contiguous();
   const Tensor workspace = workspace_arg.contiguous();
-  const Tensor grad_output =
-      grad_output_arg.has_value() ? grad_output_arg->contiguous() : Tensor();
+  const Tensor grad_output = grad_output_arg.has_value() ? grad_output_arg->contiguous() : Tensor();
   const auto opts = input.options();
   const int64_t GH = s.G * s.H;
   const Tensor x2d = input.view({s.T * s.B, s.I});
 
   Tensor grad_input = at::empty({0}, opts);
   Tensor grad_hx = need_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
-  Tensor grad_cx = need_state && has_state ? at::empty({s.D, s.B, s.H}, opts)
-                                           : at::empty({0}, opts);
+  Tensor grad_cx =
+      need_state && has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> grad_weights;
 
   for (int64_t d = 0; d < s.D; ++d) {
@@ -129,12 +128,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     const Tensor h0 = initial_state(hx, d, s, opts);
     const Tensor c0 = has_state ? initial_state(cx, d, s, opts) : Tensor();
     const Tensor dgx = at::empty({s.T, s.B, GH}, opts);
-    const bool separate = cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
+    const bool separate =
+        cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
     const Tensor dgh = separate ? at::empty({s.T, s.B, GH}, opts) : dgx;
     const Tensor dh = at::empty({2, s.B, s.H}, opts);
     dh[0].copy_(grad_h_n.has_value() ? grad_h_n->select(0, d) : at::zeros({s.B, s.H}, opts));
-    const Tensor dc = has_state ? (grad_c_n.has_value() ? grad_c_n->select(0, d).clone(at::MemoryFormat::Contiguous)
-                                                        : at::zeros({s.B, s.H}, opts))
+    const Tensor dc = has_state ? (grad_c_n.has_value()
+                                       ? grad_c_n->select(0, d).clone(at::MemoryFormat::Contiguous)
+                                       : at::zeros({s.B, s.H}, opts))
                                 : Tensor();
     const Tensor dh0 = at::empty({s.B, s.H}, opts);
 

@@ -25,18 +25,18 @@ template <typename T>
 struct ForwardParams {
   int64_t steps, batch, hidden, gates, saved_width, ldo;
   bool reverse;
-  const T* xg;        // [T, B, G*H] input projection, b_ih included
-  const T* w_hh;      // [G*H, H]
-  const T* b_hh;      // [G*H] (zeros without biases)
-  const T* h0;        // [B, H]
-  const T* c0;        // [B, H] (cells with a cell state)
-  T* output;          // [T, B, ldo]
-  T* h_n;             // [B, H]
-  T* c_n;             // [B, H] (cells with a cell state)
-  T* saved;           // [T, B, S*H] for backward, or null when backward will not run
-  T* saved_scratch;   // [B, S*H], used for every step when saved is null
-  T* hg;              // [B, G*H] scratch: W_hh h of the current step
-  T* c_buf;           // [2, B, H] scratch: cell state, double-buffered
+  const T* xg;       // [T, B, G*H] input projection, b_ih included
+  const T* w_hh;     // [G*H, H]
+  const T* b_hh;     // [G*H] (zeros without biases)
+  const T* h0;       // [B, H]
+  const T* c0;       // [B, H] (cells with a cell state)
+  T* output;         // [T, B, ldo]
+  T* h_n;            // [B, H]
+  T* c_n;            // [B, H] (cells with a cell state)
+  T* saved;          // [T, B, S*H] for backward, or null when backward will not run
+  T* saved_scratch;  // [B, S*H], used for every step when saved is null
+  T* hg;             // [B, G*H] scratch: W_hh h of the current step
+  T* c_buf;          // [2, B, H] scratch: cell state, double-buffered
 };
 
 template <typename Cell, typename T>
@@ -110,7 +110,8 @@ void backward_direction(const BackwardParams<T>& p) {
         const T* c_prev_b = nullptr;
         T* dc_b = nullptr;
         if constexpr (Cell::kHasCellState) {
-          c_prev_b = first ? p.c0 + b * H : p.saved + (t_prev * B + b) * SH + Cell::kStateInSaved * H;
+          c_prev_b =
+              first ? p.c0 + b * H : p.saved + (t_prev * B + b) * SH + Cell::kStateInSaved * H;
           dc_b = p.dc + b * H;
         }
         for (int64_t j = 0; j < H; ++j) {

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: set-up, lint and format checks, then the test suite. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+bash scripts/setup.sh pytest hypothesis "ruff==0.17.6" "clang-format==23.1.5"
+
+"$PYTHON" -m ruff check .
+"$PYTHON" -m ruff format --check .
+# clang-format through its PyPI package, which need not be on PATH
+files=$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | sort)
+"$PYTHON" -c "import clang_format; clang_format.clang_format()" --dry-run -Werror $files
+"$PYTHON" -m pytest -q "$@"

@@ -1,0 +1,127 @@
+"""Bad input raises an error that names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import MODES, layer_weights, make_module
+
+from rnnext import functional
+
+op = torch.ops.rnnext.layer_forward
+
+
+def args(mode="GRU", T=4, B=2, I=3, H=5, dtype=torch.float32):
+    x = torch.randn(T, B, I, dtype=dtype)
+    weights = [w.detach() for w in layer_weights(mode, I, H, dtype=dtype)]
+    return x, weights
+
+
+def raises(exc, *parts):
+    """pytest.raises matching every part of the message, in order."""
+    return pytest.raises(exc, match=".*".join(re.escape(p) for p in parts))
+
+
+def test_op_wrong_rank():
+    x, w = args()
+    with raises(ValueError, "input must be 3-D [T, B, I]", "got 2-D", "[4, 3]"):
+        op("GRU", x[:, 0], w, None, None, True, False, None, False)
+
+
+def test_op_mismatched_weight_shape():
+    x, w = args()
+    w[1] = torch.randn(15, 4)
+    with raises(ValueError, "weights[1] (w_hh) must have shape [15, 5]", "got [15, 4]"):
+        op("GRU", x, w, None, None, True, False, None, False)
+    x, w = args()
+    with raises(ValueError, "weights[0] (w_ih) must have shape [15, 4]", "got [15, 3]"):
+        op("GRU", torch.randn(4, 2, 4), w, None, None, True, False, None, False)
+
+
+def test_op_weight_count():
+    x, w = args()
+    with raises(ValueError, "weights must hold 4 tensors", "got 3"):
+        op("GRU", x, w[:3], None, None, True, False, None, False)
+
+
+def test_op_dtype_mismatch():
+    x, w = args()
+    with raises(TypeError, "weights[0] (w_ih) must have the input's dtype Double", "got Float"):
+        op("GRU", x.double(), w, None, None, True, False, None, False)
+    with raises(TypeError, "input must be float32 or float64", "got Int"):
+        op("GRU", x.int(), w, None, None, True, False, None, False)
+    with raises(TypeError, "hx must have the input's dtype Float", "got Double"):
+        op("GRU", x, w, torch.zeros(1, 2, 5, dtype=torch.float64), None, True, False, None, False)
+
+
+def test_op_hidden_state_shape():
+    x, w = args()
+    with raises(ValueError, "hx must have shape [1, 2, 5]", "got [1, 3, 5]"):
+        op("GRU", x, w, torch.zeros(1, 3, 5), None, True, False, None, False)
+    x, w = args("LSTM")
+    with raises(ValueError, "cx must have shape [1, 2, 5]", "got [2, 5]"):
+        op("LSTM", x, w, None, torch.zeros(2, 5), True, False, None, False)
+
+
+def test_op_mode_and_unsupported_arguments():
+    x, w = args()
+    with raises(ValueError, "mode must be one of", "got 'gru'"):
+        op("gru", x, w, None, None, True, False, None, False)
+    with raises(ValueError, "cx must be None for mode 'GRU'", "got a tensor of shape [1, 2, 5]"):
+        op("GRU", x, w, None, torch.zeros(1, 2, 5), True, False, None, False)
+    with raises(ValueError, "lengths must be None"):
+        op("GRU", x, w, None, None, True, False, torch.tensor([4, 4]), False)
+
+
+def test_op_backward_checks_workspace():
+    x, w = args()
+    output, h_n, _, workspace = op("GRU", x, w, None, None, True, False, None, False)
+    with raises(ValueError, "workspace must have shape [1, 4, 2, 20]", "got [0]"):
+        torch.ops.rnnext.layer_backward(
+            "GRU",
+            x,
+            w,
+            None,
+            None,
+            output,
+            workspace,
+            output,
+            None,
+            None,
+            True,
+            False,
+            None,
+            [True, True, True],
+        )
+
+
+def test_weights_on_another_device():
+    x, w = args()
+    w[1] = w[1].to("meta")
+    with raises(ValueError, "weights[1]", "must be on the input's device cpu", "got meta"):
+        functional.recurrent_layer("GRU", x, w)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_errors_match_torch_nn(mode):
+    """The modules raise what torch.nn raises, with torch.nn's messages."""
+    ours, theirs = (make_module(mode, 3, 4, nn=nn) for nn in (False, True))
+    bad_state = torch.zeros(1, 3, 4)
+    hx_bad = (bad_state, torch.zeros(1, 2, 4)) if mode == "LSTM" else bad_state
+    with raises(
+        ValueError, f"rnnext.{type(ours).__name__}", "Expected input to be 2D or 3D", "got 4D"
+    ):
+        ours(torch.randn(5, 2, 3, 1))
+    cases = [
+        (torch.randn(5, 2, 4), None),  # wrong input size
+        (torch.randn(5, 2, 3, dtype=torch.float64), None),  # dtype differs from the weights
+        (torch.randn(5, 2, 3), hx_bad),  # hidden state of the wrong shape
+    ]
+    for x, hx in cases:
+        with pytest.raises(Exception) as expected:
+            theirs(x, hx)
+        with pytest.raises(type(expected.value)) as got:
+            ours(x, hx)
+        assert str(got.value) == str(expected.value)

@@ -1,0 +1,108 @@
+"""The fused layer op against the per-step reference: outputs, final states, every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, layer_weights, weighted_loss
+
+from rnnext import functional, reference
+
+# (T, B, I, H): T=1, B=1, H=1, I != H, and a few ordinary shapes.
+SHAPES = [(1, 1, 1, 1), (1, 4, 3, 2), (6, 1, 5, 3), (5, 3, 4, 6), (9, 2, 7, 7), (3, 5, 1, 8)]
+
+
+def run_both(mode, x, weights, h0, c0, bias, bidirectional):
+    inputs = [t for t in (x, h0, c0, *weights) if t is not None and t.requires_grad]
+    results = []
+    for impl in (functional, reference):
+        out = impl.recurrent_layer(
+            mode, x, weights, h0, c0, has_biases=bias, bidirectional=bidirectional
+        )
+        results.append((out, torch.autograd.grad(weighted_loss(*out), inputs)))
+    return results
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "noh0"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_matches_reference(mode, shape, bias, with_state, bidirectional, device):
+    torch.manual_seed(0)
+    T, B, I, H = shape
+    D = 2 if bidirectional else 1
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(T, B, I, **opts, requires_grad=True)
+    weights = layer_weights(mode, I, H, bias=bias, directions=D, **opts)
+    h0 = torch.randn(D, B, H, **opts, requires_grad=True) if with_state else None
+    c0 = torch.randn(D, B, H, **opts, requires_grad=True) if with_state and mode == "LSTM" else None
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, c0, bias, bidirectional)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    assert len(our_grads) == len(ref_grads)
+    for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_input_and_state(mode, device):
+    torch.manual_seed(1)
+    T, B, I, H = 6, 3, 5, 4
+    opts = dict(dtype=torch.float64, device=device)
+    # batch-major storage seen time-major, and every other feature: both non-contiguous
+    x = torch.randn(B, T, 2 * I, **opts).transpose(0, 1)[:, :, ::2].requires_grad_()
+    h0 = torch.randn(1, B, 2 * H, **opts)[:, :, ::2].requires_grad_()
+    assert not x.is_contiguous() and not h0.is_contiguous()
+    weights = layer_weights(mode, I, H, **opts)
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, False)
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_only_where_needed(mode, device):
+    """Frozen weights and a constant input get no gradient; the state still does."""
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 2, 3, **opts)
+    weights = [w.detach() for w in layer_weights(mode, 3, 5, **opts)]
+    h0 = torch.randn(1, 2, 5, **opts, requires_grad=True)
+    weighted_loss(*functional.recurrent_layer(mode, x, weights, h0)).backward()
+    assert all(w.grad is None for w in weights) and x.grad is None
+    ref_h0 = h0.detach().requires_grad_()
+    weighted_loss(*reference.recurrent_layer(mode, x, weights, ref_h0)).backward()
+    torch.testing.assert_close(h0.grad, ref_h0.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_grad_forward_matches(mode, device):
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(5, 3, 4, **opts)
+    weights = layer_weights(mode, 4, 6, **opts)
+    with torch.no_grad():
+        ours = functional.recurrent_layer(mode, x, weights)
+        ref = reference.recurrent_layer(mode, x, weights)
+    assert not ours[0].requires_grad
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_matches_reference(mode, device):
+    torch.manual_seed(2)
+    x = torch.randn(20, 4, 16, device=device, requires_grad=True)
+    weights = layer_weights(mode, 16, 32, dtype=torch.float32, device=device)
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, None, None, True, False)
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_batch(mode, device):
+    x = torch.randn(3, 0, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weights = layer_weights(mode, 4, 5, device=device)
+    out, h_n, c_n = functional.recurrent_layer(mode, x, weights)
+    assert out.shape == (3, 0, 5) and h_n.shape == (1, 0, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(w.grad is not None and w.grad.abs().sum() == 0 for w in weights)

@@ -1,0 +1,57 @@
+"""torch.library.opcheck of every rnnext op: schema, fake kernel, dispatch, aot autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, layer_weights
+
+import rnnext  # noqa: F401  (registers the ops)
+
+
+def sample_args(mode, device, bidirectional, with_state=True):
+    D = 2 if bidirectional else 1
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 3, 5, **opts)
+    weights = [w.detach() for w in layer_weights(mode, 5, 6, directions=D, **opts)]
+    hx = torch.randn(D, 3, 6, **opts) if with_state else None
+    cx = torch.randn(D, 3, 6, **opts) if with_state and mode == "LSTM" else None
+    return x, weights, hx, cx
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("need_workspace", [True, False], ids=["train", "infer"])
+def test_layer_forward(mode, bidirectional, need_workspace, device):
+    x, weights, hx, cx = sample_args(mode, device, bidirectional)
+    args = (mode, x, weights, hx, cx, True, bidirectional, None, need_workspace)
+    torch.library.opcheck(torch.ops.rnnext.layer_forward.default, args)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize(
+    "mask", [(True, True, True), (False, False, True), (True, False, False)], ids=str
+)
+def test_layer_backward(mode, bidirectional, mask, device):
+    x, weights, hx, cx = sample_args(mode, device, bidirectional)
+    fwd = (mode, x, weights, hx, cx, True, bidirectional, None, True)
+    output, h_n, c_n, workspace = torch.ops.rnnext.layer_forward(*fwd)
+    grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
+    args = (
+        mode,
+        x,
+        weights,
+        hx,
+        cx,
+        output,
+        workspace,
+        torch.randn_like(output),
+        torch.randn_like(h_n),
+        grad_c_n,
+        True,
+        bidirectional,
+        None,
+        list(mask),
+    )
+    torch.library.opcheck(torch.ops.rnnext.layer_backward.default, args)
