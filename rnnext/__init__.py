@@ -1,7 +1,7 @@
 """rnnext: fused C++/CUDA recurrent layers, drop-in replacements for torch.nn's RNN, GRU, LSTM."""
 
 from . import functional, reference
-from .modules import GRU, LSTM, RNN
+from .modules import GRU, LSTM, RNN, convert, revert
 
-__all__ = ["RNN", "GRU", "LSTM", "functional", "reference"]
+__all__ = ["RNN", "GRU", "LSTM", "convert", "revert", "functional", "reference"]
 __version__ = "0.1.0"

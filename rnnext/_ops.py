@@ -41,8 +41,9 @@ def _layer_sizes(
     cx: Tensor | None,
     has_biases: bool,
     bidirectional: bool,
-) -> tuple[int, int, int, int, int]:
-    """Checks the shared arguments of both ops; returns (T, B, H, D, S)."""
+    lengths: Tensor | None,
+) -> tuple[int, int, int, int, int, int]:
+    """Checks the shared arguments of both ops; returns (T, B, H, P, D, workspace row)."""
     if mode not in GATES:
         raise ValueError(f"rnnext: mode must be one of {list(GATES)}, got {mode!r}")
     if input.dim() != 3:
@@ -52,34 +53,44 @@ def _layer_sizes(
         )
     T, B, I = input.shape
     G, D = GATES[mode], 2 if bidirectional else 1
-    per_dir = 4 if has_biases else 2
-    if len(weights) != per_dir * D:
-        raise ValueError(f"{op}: weights must hold {per_dir * D} tensors, got {len(weights)}")
+    base = 4 if has_biases else 2
+    has_proj = mode == "LSTM" and len(weights) == (base + 1) * D
+    if len(weights) != base * D and not has_proj:
+        raise ValueError(f"{op}: weights must hold {base * D} tensors, got {len(weights)}")
+    per_dir = base + has_proj
     H = weights[0].shape[0] // G
+    P = weights[per_dir - 1].shape[0] if has_proj else H
+    expected = [(G * H, I), (G * H, P), (G * H,), (G * H,)][:base] + [(P, H)] * has_proj
     for d in range(D):
-        expected = [(G * H, I), (G * H, H), (G * H,), (G * H,)][:per_dir]
         for k, shape in enumerate(expected):
             _check_like(op, f"weights[{d * per_dir + k}]", weights[d * per_dir + k], input, shape)
     if hx is not None:
-        _check_like(op, "hx", hx, input, (D, B, H))
+        _check_like(op, "hx", hx, input, (D, B, P))
     if cx is not None:
         if mode != "LSTM":
             raise ValueError(f"{op}: cx must be None for mode {mode!r}")
         _check_like(op, "cx", cx, input, (D, B, H))
-    return T, B, H, D, SAVED_WIDTH[mode]
+    if lengths is not None:
+        if lengths.shape != (B,):
+            raise ValueError(
+                f"{op}: lengths must be 1-D of size B = {B}, got {list(lengths.shape)}"
+            )
+        if lengths.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{op}: lengths must be int64 or int32, got {lengths.dtype}")
+    return T, B, H, P, D, SAVED_WIDTH[mode] * H + (H if has_proj else 0)
 
 
 @torch.library.register_fake("rnnext::layer_forward")
 def _layer_forward_fake(
     mode, input, weights, hx, cx, has_biases, bidirectional, lengths, need_workspace
 ):
-    T, B, H, D, S = _layer_sizes(
-        "rnnext.layer_forward", mode, input, weights, hx, cx, has_biases, bidirectional
+    T, B, H, P, D, ws_row = _layer_sizes(
+        "rnnext.layer_forward", mode, input, weights, hx, cx, has_biases, bidirectional, lengths
     )
-    output = input.new_empty((T, B, D * H))
-    h_n = input.new_empty((D, B, H))
+    output = input.new_empty((T, B, D * P))
+    h_n = input.new_empty((D, B, P))
     c_n = input.new_empty((D, B, H) if mode == "LSTM" else (0,))
-    workspace = input.new_empty((D, T, B, S * H) if need_workspace else (0,))
+    workspace = input.new_empty((D, T, B, ws_row) if need_workspace else (0,))
     return output, h_n, c_n, workspace
 
 
@@ -100,12 +111,12 @@ def _layer_backward_fake(
     lengths,
     output_mask,
 ):
-    T, B, H, D, S = _layer_sizes(
-        "rnnext.layer_backward", mode, input, weights, hx, cx, has_biases, bidirectional
+    T, B, H, P, D, _ = _layer_sizes(
+        "rnnext.layer_backward", mode, input, weights, hx, cx, has_biases, bidirectional, lengths
     )
     need_input, need_state, need_weights = output_mask
     grad_input = input.new_empty(input.shape if need_input else (0,))
-    grad_hx = input.new_empty((D, B, H) if need_state else (0,))
+    grad_hx = input.new_empty((D, B, P) if need_state else (0,))
     grad_cx = input.new_empty((D, B, H) if need_state and mode == "LSTM" else (0,))
     grad_weights = [torch.empty_like(w) for w in weights] if need_weights else []
     return grad_input, grad_hx, grad_cx, grad_weights

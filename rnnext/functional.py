@@ -20,29 +20,52 @@ def recurrent_layer(
     *,
     has_biases: bool = True,
     bidirectional: bool = False,
+    lengths: Tensor | None = None,
+    lengths_sorted: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs one recurrent layer over a whole sequence with rnnext's fused kernels.
 
     Args:
         mode: ``"RNN_TANH"``, ``"RNN_RELU"``, ``"GRU"`` or ``"LSTM"``.
         input: ``[T, B, I]``, time-major.
-        weights: per direction ``w_ih [G*H, I]``, ``w_hh [G*H, H]`` and, when ``has_biases``,
-            ``b_ih [G*H]``, ``b_hh [G*H]``, in torch.nn's order (a one-layer module's
-            ``_flat_weights``); G is 1, 3, 4 for RNN, GRU, LSTM.
-        hx: ``[D, B, H]`` initial hidden state, zeros when None (D = 2 if bidirectional).
+        weights: per direction ``w_ih [G*H, I]``, ``w_hh [G*H, P]``, then ``b_ih [G*H]``,
+            ``b_hh [G*H]`` when ``has_biases``, then ``w_hr [P, H]`` for an LSTM with a
+            projection: torch.nn's order (a one-layer module's ``_flat_weights``). G is 1, 3, 4
+            for RNN, GRU, LSTM; P is the projection size, or H without one.
+        hx: ``[D, B, P]`` initial hidden state, zeros when None (D = 2 if bidirectional).
         cx: ``[D, B, H]`` initial cell state (LSTM only), zeros when None.
+        lengths: ``[B]`` integer lengths of the sequences (CPU or the input's device), each in
+            ``[0, T]``. Row b then runs steps ``t < lengths[b]`` only: outputs past its end are
+            zero, its final state is the one at its own last step, the reverse direction starts
+            there, and nothing past the end receives a gradient. Padding must be finite.
+        lengths_sorted: promise that ``lengths`` is sorted longest first, which saves the
+            reordering of the batch that the kernels otherwise need.
 
     Returns:
-        ``output [T, B, D*H]``, ``h_n [D, B, H]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
+        ``output [T, B, D*P]``, ``h_n [D, B, P]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
         for the other modes). Differentiable with respect to every tensor argument.
     """
+    order = None
+    if lengths is not None and not lengths_sorted:
+        # The kernels take rows longest first (the active rows of a step are then a prefix).
+        order = torch.argsort(lengths, descending=True, stable=True)
+        lengths = lengths.index_select(0, order)
+        dev_order = order.to(input.device)
+        input = input.index_select(1, dev_order)
+        hx = hx.index_select(1, dev_order) if hx is not None else None
+        cx = cx.index_select(1, dev_order) if cx is not None else None
     tensors = (input, hx, cx, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         output, h_n, c_n, _ = LayerFunction.apply(
-            mode, has_biases, bidirectional, input, hx, cx, *weights
+            mode, has_biases, bidirectional, lengths, input, hx, cx, *weights
         )
     else:
         output, h_n, c_n, _ = torch.ops.rnnext.layer_forward(
-            mode, input, list(weights), hx, cx, has_biases, bidirectional, None, False
+            mode, input, list(weights), hx, cx, has_biases, bidirectional, lengths, False
         )
+    if order is not None:
+        inverse = torch.argsort(order).to(input.device)
+        output = output.index_select(1, inverse)
+        h_n = h_n.index_select(1, inverse)
+        c_n = c_n.index_select(1, inverse) if c_n.numel() else c_n
     return output, h_n, c_n

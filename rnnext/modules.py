@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .functional import recurrent_layer
@@ -49,36 +50,23 @@ class _FusedRNNBase(nn.RNNBase):
             device=device,
             dtype=dtype,
         )
-        self._check_supported()
 
-    def _check_supported(self) -> None:
-        name = f"rnnext.{type(self).__name__}"
-        unsupported = {
-            "num_layers": (self.num_layers, 1),
-            "bidirectional": (self.bidirectional, False),
-            "proj_size": (getattr(self, "proj_size", 0), 0),
-        }
-        for arg, (value, supported) in unsupported.items():
-            if value != supported:
-                raise NotImplementedError(
-                    f"{name}: {arg}={value!r} is not supported yet; this version runs "
-                    f"{arg}={supported!r} only"
-                )
-
-    def _fused_forward(self, input: Tensor, hx):
+    def _fused_forward(self, input, hx, lengths: Tensor | None):
         """torch.nn's argument handling and checks around rnnext's layer op."""
         name = f"rnnext.{type(self).__name__}"
-        if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                f"{name}: PackedSequence input is not supported yet; pass a padded tensor"
-            )
-        if not isinstance(input, Tensor) or input.dim() not in (2, 3):
-            got = f"{input.dim()}D input" if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {got} instead")
+        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         if is_lstm and hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-        states = list(hx) if is_lstm and hx is not None else [hx]
+        states = list(hx) if is_lstm and hx is not None else [hx, None]
+
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(f"{name}: lengths must be None for a PackedSequence input")
+            return self._packed_forward(input, states)
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3):
+            got = f"{input.dim()}D input" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {got} instead")
         batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         for state in states:
@@ -91,28 +79,100 @@ class _FusedRNNBase(nn.RNNBase):
         if not batched:
             input = input.unsqueeze(batch_dim)
             states = [s.unsqueeze(1) if s is not None else None for s in states]
+            lengths = lengths.reshape(1) if lengths is not None else None
         if hx is None:
             self.check_input(input, None)
         else:
             self.check_forward_args(input, tuple(states) if is_lstm else states[0], None)
         if self.batch_first:
             input = input.transpose(0, 1)
-        h0, c0 = (states + [None])[:2]
-        output, h_n, c_n = recurrent_layer(
-            self.mode,
-            input,
-            self._flat_weights,
-            h0,
-            c0,
-            has_biases=self.bias,
-            bidirectional=self.bidirectional,
-        )
+        order = None
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, input)
+            # Sort the batch longest first once for all layers; the kernels need that order.
+            order = torch.argsort(lengths, descending=True, stable=True)
+            lengths = lengths.index_select(0, order)
+            input, states = _select_batch(input, states, order.to(input.device), batch_dim=1)
+        output, h_n, c_n = self._layers(input, states, lengths)
+        if order is not None:
+            inverse = torch.argsort(order).to(input.device)
+            output, (h_n, c_n) = _select_batch(output, [h_n, c_n], inverse, batch_dim=1)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
             output, h_n = output.squeeze(batch_dim), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if is_lstm else c_n
         return output, ((h_n, c_n) if is_lstm else h_n)
+
+    def _check_lengths(self, lengths: Tensor, input: Tensor) -> Tensor:
+        name = f"rnnext.{type(self).__name__}"
+        if not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != input.shape[1:2]:
+            raise ValueError(
+                f"{name}: lengths must be a 1-D int64 or int32 tensor with one length per "
+                f"sequence ({input.shape[1]}), got {lengths.dtype} of shape {list(lengths.shape)}"
+            )
+        return lengths
+
+    def _packed_forward(self, packed: PackedSequence, states: list):
+        """A PackedSequence runs as its padded, sorted batch with lengths, in the same kernels."""
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        T, B = batch_sizes.numel(), int(batch_sizes[0])
+        # packed rows are the active (t, b) pairs in step-major order
+        active = torch.arange(B)[None, :] < batch_sizes[:, None]
+        rows = active.flatten().nonzero().squeeze(1).to(data.device)
+        padded = data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data)
+        lengths = active.sum(0)
+        if any(s is not None for s in states):
+            hidden = tuple(states) if self.mode == "LSTM" else states[0]
+            self.check_forward_args(data, hidden, batch_sizes)
+        if sorted_indices is not None:
+            _, states = _select_batch(None, states, sorted_indices, batch_dim=1)
+        output, h_n, c_n = self._layers(padded.view(T, B, -1), states, lengths)
+        if unsorted_indices is not None:
+            _, (h_n, c_n) = _select_batch(None, [h_n, c_n], unsorted_indices, batch_dim=1)
+        output = PackedSequence(
+            output.view(T * B, -1).index_select(0, rows),
+            batch_sizes,
+            sorted_indices,
+            unsorted_indices,
+        )
+        return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+    def _layers(self, input: Tensor, states: list, lengths: Tensor | None):
+        """All layers on a time-major batch sorted longest first (when lengths are given)."""
+        D = 2 if self.bidirectional else 1
+        per_layer = len(self._flat_weights) // self.num_layers
+        h0, c0 = states
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            directions = slice(layer * D, (layer + 1) * D)
+            output, h, c = recurrent_layer(
+                self.mode,
+                input,
+                self._flat_weights[layer * per_layer : (layer + 1) * per_layer],
+                h0[directions] if h0 is not None else None,
+                c0[directions] if c0 is not None else None,
+                has_biases=self.bias,
+                bidirectional=self.bidirectional,
+                lengths=lengths,
+                lengths_sorted=True,
+            )
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                # torch.nn's place for dropout: between layers, in training only
+                output = F.dropout(output, self.dropout, training=True)
+            input = output
+        c_out = torch.cat(c_n) if self.mode == "LSTM" else input.new_empty(0)
+        return input, torch.cat(h_n), c_out
+
+
+def _select_batch(tensor: Tensor | None, states: list, index: Tensor, batch_dim: int):
+    """Reorders a tensor's batch dimension and dimension 1 of each state (None stays None)."""
+    picked = tensor.index_select(batch_dim, index) if tensor is not None else None
+    return picked, [s.index_select(1, index) if s is not None and s.numel() else s for s in states]
 
 
 class RNN(_FusedRNNBase):
@@ -155,8 +215,10 @@ class RNN(_FusedRNNBase):
             dtype=dtype,
         )
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._fused_forward(input, hx)
+    def forward(
+        self, input: Tensor, hx: Tensor | None = None, *, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._fused_forward(input, hx, lengths)
 
 
 class GRU(_FusedRNNBase):
@@ -192,8 +254,10 @@ class GRU(_FusedRNNBase):
             dtype=dtype,
         )
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._fused_forward(input, hx)
+    def forward(
+        self, input: Tensor, hx: Tensor | None = None, *, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._fused_forward(input, hx, lengths)
 
 
 class LSTM(_FusedRNNBase):
@@ -237,6 +301,41 @@ class LSTM(_FusedRNNBase):
     permute_hidden = nn.LSTM.permute_hidden
 
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+        self,
+        input: Tensor,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        lengths: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        return self._fused_forward(input, hx)
+        return self._fused_forward(input, hx, lengths)
+
+
+_TO_RNNEXT: dict[type, type] = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
+_TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _TO_RNNEXT.items()}
+
+
+def _swap_classes(model: nn.Module, mapping: dict[type, type]) -> nn.Module:
+    # Changing the class of each module object keeps everything it holds: the very same
+    # Parameter objects (so an optimiser built earlier keeps working), buffers, hooks, mode,
+    # and every reference to the module elsewhere in the program.
+    for module in model.modules():
+        new_class = mapping.get(type(module))
+        if new_class is not None:
+            module.__class__ = new_class
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Makes every torch.nn.RNN, GRU and LSTM inside ``model`` (``model`` included) run on rnnext.
+
+    In place: each such module becomes the rnnext module of the same kind, with the same
+    Parameter objects, state, hooks and training mode, so an optimiser built before the call
+    keeps working. Only modules whose type is exactly torch.nn.RNN, GRU or LSTM change; a
+    subclass of them may override ``forward`` and is left alone. Returns ``model``.
+    """
+    return _swap_classes(model, _TO_RNNEXT)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: rnnext.RNN, GRU and LSTM become torch.nn's again."""
+    return _swap_classes(model, _TO_TORCH)

@@ -23,8 +23,12 @@ def cell_step(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One step of one cell. x [B, I], h and c [B, H]; returns (h', c') (c' None but LSTM)."""
+    """One step of one cell. x [B, I], h [B, P], c [B, H]; returns (h', c') (c' None but LSTM).
+
+    w_hr [P, H] projects an LSTM's output: h' = w_hr (o * tanh(c')).
+    """
     gx = x @ w_ih.t()
     gh = h @ w_hh.t()
     if b_ih is not None:
@@ -44,7 +48,8 @@ def cell_step(
     if mode == "LSTM":
         i, f, g, o = (gx + gh).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return (h_new if w_hr is None else h_new @ w_hr.t()), c_new
     raise ValueError(f"mode must be 'RNN_TANH', 'RNN_RELU', 'GRU' or 'LSTM', got {mode!r}")
 
 
@@ -57,24 +62,40 @@ def recurrent_layer(
     *,
     has_biases: bool = True,
     bidirectional: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`rnnext.functional.recurrent_layer`, one step at a time."""
+    """Same contract as :func:`rnnext.functional.recurrent_layer`, one step at a time.
+
+    With ``lengths``, row b takes part in steps ``t < lengths[b]`` only: its outputs past that
+    are zero, its state stops there, and the reverse direction starts at its own last step.
+    """
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
-    per_dir = 4 if has_biases else 2
-    H = weights[1].shape[1]
+    per_dir = len(weights) // D
+    has_proj = per_dir == (4 if has_biases else 2) + 1
+    P = weights[1].shape[1]
+    H = weights[per_dir - 1].shape[1] if has_proj else P
+    steps = torch.arange(T, device=input.device)
+    if lengths is None:
+        lengths = torch.full((B,), T, device=input.device)
+    active = steps[:, None] < lengths.to(input.device)[None, :]  # [T, B]
     outputs, h_last, c_last = [], [], []
     for d in range(D):
-        w = list(weights[d * per_dir : (d + 1) * per_dir]) + [None, None]
-        h = hx[d] if hx is not None else input.new_zeros(B, H)
+        w = list(weights[d * per_dir : (d + 1) * per_dir])
+        w_ih, w_hh = w[:2]
+        b_ih, b_hh = w[2:4] if has_biases else (None, None)
+        w_hr = w[-1] if has_proj else None
+        h = hx[d] if hx is not None else input.new_zeros(B, P)
         c = None
         if mode == "LSTM":
             c = cx[d] if cx is not None else input.new_zeros(B, H)
-        steps = range(T - 1, -1, -1) if d == 1 else range(T)
         out = [None] * T
-        for t in steps:
-            h, c = cell_step(mode, input[t], h, c, w[0], w[1], w[2], w[3])
-            out[t] = h
+        for t in range(T - 1, -1, -1) if d == 1 else range(T):
+            h_new, c_new = cell_step(mode, input[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            mask = active[t][:, None]
+            out[t] = torch.where(mask, h_new, torch.zeros_like(h_new))
+            h = torch.where(mask, h_new, h)
+            c = torch.where(mask, c_new, c) if c is not None else None
         outputs.append(torch.stack(out))
         h_last.append(h)
         c_last.append(c)

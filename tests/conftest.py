@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnext
 
@@ -26,12 +27,19 @@ def make_module(mode: str, input_size: int, hidden_size: int, *, nn: bool, **kwa
     return getattr(lib, mode)(input_size, hidden_size, **kwargs)
 
 
-def layer_weights(mode, I, H, *, bias=True, directions=1, dtype=torch.float64, device="cpu"):
-    """Random weights in the op's flat order, requiring grad, scaled to keep gates unsaturated."""
+def layer_weights(
+    mode, I, H, *, bias=True, directions=1, proj=0, dtype=torch.float64, device="cpu"
+):
+    """Random weights in the op's flat order, requiring grad, scaled to keep gates unsaturated.
+
+    proj > 0 gives an LSTM projection of that size (w_hr [proj, H], w_hh [G*H, proj]).
+    """
     G = GATES[mode]
+    P = proj or H
     weights = []
     for _ in range(directions):
-        shapes = [(G * H, I), (G * H, H)] + ([(G * H,), (G * H,)] if bias else [])
+        shapes = [(G * H, I), (G * H, P)] + ([(G * H,), (G * H,)] if bias else [])
+        shapes += [(P, H)] if proj else []
         weights += [torch.randn(s, dtype=dtype, device=device) / max(H, I) ** 0.5 for s in shapes]
     return [w.requires_grad_() for w in weights]
 
@@ -49,3 +57,54 @@ def weighted_loss(output, h_n, c_n):
 
 def grads(loss, inputs):
     return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def module_pair(mode, I, H, dtype=torch.float64, device="cpu", **kwargs):
+    """A torch.nn module and an rnnext module loaded with its state_dict."""
+    theirs = make_module(mode, I, H, nn=True, **kwargs).to(device=device, dtype=dtype)
+    ours = make_module(mode, I, H, nn=False, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def flat(result):
+    output, hidden = result
+    return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def run_module(module, x, hx, packed_lengths=None):
+    """Outputs and the gradients of input, states and every parameter, by name.
+
+    With packed_lengths, x goes in as a PackedSequence (unsorted lengths) and the output comes
+    back padded.
+    """
+    batch_first = getattr(module, "batch_first", False)
+    if packed_lengths is None:
+        result = flat(module(x, hx))
+    else:
+        packed = pack_padded_sequence(x, packed_lengths, batch_first, enforce_sorted=False)
+        result = flat(module(packed, hx))
+        result[0] = pad_packed_sequence(
+            result[0], batch_first, total_length=x.shape[1 if batch_first else 0]
+        )[0]
+    if len(result) == 2:
+        result.append(result[0].new_zeros(0))
+    leaves = [x] + ([*hx] if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    params = [p for _, p in module.named_parameters()]
+    g = torch.autograd.grad(weighted_loss(*result), leaves + params)
+    names = ["input"] + [f"state{i}" for i in range(len(leaves) - 1)]
+    names += [n for n, _ in module.named_parameters()]
+    return result, dict(zip(names, g))
+
+
+def assert_same(theirs, ours, x, hx, packed_lengths=None, **tol):
+    """Same outputs, states and gradients (input, states, each parameter) from both modules."""
+    ref_out, ref_grads = run_module(theirs, x, hx, packed_lengths)
+    out, grads = run_module(ours, x, hx, packed_lengths)
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, **tol)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], **tol, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -71,8 +71,6 @@ def test_op_mode_and_unsupported_arguments():
         op("gru", x, w, None, None, True, False, None, False)
     with raises(ValueError, "cx must be None for mode 'GRU'", "got a tensor of shape [1, 2, 5]"):
         op("GRU", x, w, None, torch.zeros(1, 2, 5), True, False, None, False)
-    with raises(ValueError, "lengths must be None"):
-        op("GRU", x, w, None, None, True, False, torch.tensor([4, 4]), False)
 
 
 def test_op_backward_checks_workspace():
@@ -125,3 +123,41 @@ def test_module_errors_match_torch_nn(mode):
         with pytest.raises(type(expected.value)) as got:
             ours(x, hx)
         assert str(got.value) == str(expected.value)
+
+
+def test_op_lengths():
+    x, w = args()
+    cases = [
+        (torch.tensor([4]), ValueError, ("lengths must be 1-D of size B = 2", "got shape [1]")),
+        (torch.tensor([4.0, 2.0]), TypeError, ("lengths must be int64 or int32", "got Float")),
+        (torch.tensor([5, 2]), ValueError, ("lengths must lie in [0, T = 4]", "lengths[0] = 5")),
+        (torch.tensor([4, -1]), ValueError, ("lengths must lie in [0, T = 4]", "lengths[1] = -1")),
+        (
+            torch.tensor([2, 3]),
+            ValueError,
+            ("sorted longest first", "lengths[0] = 2 < lengths[1] = 3"),
+        ),
+    ]
+    for lengths, exc, parts in cases:
+        with raises(exc, *parts):
+            op("GRU", x, w, None, None, True, False, lengths, False)
+
+
+def test_module_lengths():
+    gru = make_module("GRU", 3, 4, nn=False)
+    x = torch.randn(5, 2, 3)
+    with raises(ValueError, "lengths must be a 1-D int64 or int32 tensor", "(2)", "[3]"):
+        gru(x, lengths=torch.tensor([5, 2, 1]))
+    with raises(ValueError, "lengths must lie in [0, T = 5]", "= 6"):
+        gru(x, lengths=torch.tensor([6, 2]))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2])
+    with raises(ValueError, "lengths must be None for a PackedSequence input"):
+        gru(packed, lengths=torch.tensor([5, 2]))
+
+
+def test_op_projection_weight_shape():
+    x, w = args("LSTM")
+    w.append(torch.randn(3, 4))  # w_hr must be [P, H] = [P, 5]
+    w[1] = torch.randn(20, 3)
+    with raises(ValueError, "weights[4] (w_hr) must have shape [3, 5]", "got [3, 4]"):
+        op("LSTM", x, w, None, None, True, False, None, False)

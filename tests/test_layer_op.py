@@ -12,12 +12,12 @@ from rnnext import functional, reference
 SHAPES = [(1, 1, 1, 1), (1, 4, 3, 2), (6, 1, 5, 3), (5, 3, 4, 6), (9, 2, 7, 7), (3, 5, 1, 8)]
 
 
-def run_both(mode, x, weights, h0, c0, bias, bidirectional):
+def run_both(mode, x, weights, h0, c0, bias, bidirectional, lengths=None):
     inputs = [t for t in (x, h0, c0, *weights) if t is not None and t.requires_grad]
     results = []
     for impl in (functional, reference):
         out = impl.recurrent_layer(
-            mode, x, weights, h0, c0, has_biases=bias, bidirectional=bidirectional
+            mode, x, weights, h0, c0, has_biases=bias, bidirectional=bidirectional, lengths=lengths
         )
         results.append((out, torch.autograd.grad(weighted_loss(*out), inputs)))
     return results
@@ -43,6 +43,37 @@ def test_matches_reference(mode, shape, bias, with_state, bidirectional, device)
     assert len(our_grads) == len(ref_grads)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "mode, proj", [(m, 0) for m in MODES] + [("LSTM", 2), ("LSTM", 7)], ids=str
+)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize(
+    "lengths", [None, [6, 6, 4, 1, 1], [3, 6, 0, 1, 6], [0, 0, 0, 0, 0]], ids=str
+)
+def test_lengths_and_projection_match_reference(mode, bidirectional, proj, lengths, device):
+    """Per-sequence lengths (unsorted, zero, all padding) and LSTM projections, smaller and
+    larger than H, against the reference: outputs, states and every gradient."""
+    torch.manual_seed(3)
+    T, B, I, H = 6, 5, 4, 5
+    D, P = 2 if bidirectional else 1, proj or H
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(T, B, I, **opts, requires_grad=True)
+    weights = layer_weights(mode, I, H, directions=D, proj=proj, **opts)
+    h0 = torch.randn(D, B, P, **opts, requires_grad=True)
+    c0 = torch.randn(D, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    (ours, our_grads), (ref, ref_grads) = run_both(
+        mode, x, weights, h0, c0, True, bidirectional, lengths
+    )
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+    if lengths is not None:
+        steps = torch.arange(T)[:, None]
+        past_end = (steps >= lengths[None, :]).to(device)
+        assert ours[0][past_end].abs().sum() == 0  # outputs past each end are zero
+        assert our_grads[0][past_end].abs().sum() == 0  # and the input there gets no gradient
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,20 +6,10 @@ import io
 
 import pytest
 import torch
-from conftest import MODES, make_module, weighted_loss
-
-import rnnext
+from conftest import MODES, assert_same, flat, make_module, module_pair, run_module
 
 # (T, B, I, H): T=1, B=1, H=1, I != H.
 SHAPES = [(1, 1, 1, 1), (1, 3, 4, 2), (7, 1, 3, 5), (6, 4, 8, 8), (4, 2, 2, 9)]
-
-
-def module_pair(mode, I, H, dtype=torch.float64, device="cpu", **kwargs):
-    """A torch.nn module and an rnnext module loaded with its state_dict."""
-    theirs = make_module(mode, I, H, nn=True, **kwargs).to(device=device, dtype=dtype)
-    ours = make_module(mode, I, H, nn=False, **kwargs).to(device=device, dtype=dtype)
-    ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
 
 
 def states(mode, B, H, dtype, device, batched=True):
@@ -28,36 +18,6 @@ def states(mode, B, H, dtype, device, batched=True):
     if mode != "LSTM":
         return h0
     return h0, torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-
-
-def flat(result):
-    output, hidden = result
-    return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
-
-
-def run_module(module, x, hx):
-    """Outputs and the gradients of input, states and every parameter, by name."""
-    result = flat(module(x, hx))
-    if len(result) == 2:
-        result.append(result[0].new_zeros(0))
-    leaves = [x] + ([*hx] if isinstance(hx, tuple) else [hx] if hx is not None else [])
-    params = [p for _, p in module.named_parameters()]
-    g = torch.autograd.grad(weighted_loss(*result), leaves + params)
-    names = ["input"] + [f"state{i}" for i in range(len(leaves) - 1)]
-    names += [n for n, _ in module.named_parameters()]
-    return result, dict(zip(names, g))
-
-
-def assert_same(theirs, ours, x, hx, **tol):
-    ref_out, ref_grads = run_module(theirs, x, hx)
-    out, grads = run_module(ours, x, hx)
-    for a, b in zip(out, ref_out):
-        torch.testing.assert_close(a, b, **tol)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(
-            grads[name], ref_grads[name], **tol, msg=lambda m, name=name: f"{name}: {m}"
-        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -149,23 +109,3 @@ def test_is_an_rnnbase_and_pickles(mode):
     assert type(loaded) is type(ours)
     x = torch.randn(2, 5, 3)
     torch.testing.assert_close(flat(loaded(x)), flat(ours(x)))
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(num_layers=2), dict(bidirectional=True), dict(proj_size=2)],
-    ids=["num_layers", "bidirectional", "proj_size"],
-)
-def test_later_options_raise_not_implemented(kwargs):
-    for cls in (rnnext.RNN, rnnext.GRU, rnnext.LSTM):
-        if "proj_size" in kwargs and cls is not rnnext.LSTM:
-            continue
-        name = next(iter(kwargs))
-        with pytest.raises(NotImplementedError, match=f"{name}=.* is not supported yet"):
-            cls(3, 4, **kwargs)
-
-
-def test_packed_sequence_raises_not_implemented():
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 3), [4, 2])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        rnnext.GRU(3, 4)(packed)

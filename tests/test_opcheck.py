@@ -9,33 +9,39 @@ from conftest import MODES, layer_weights
 import rnnext  # noqa: F401  (registers the ops)
 
 
-def sample_args(mode, device, bidirectional, with_state=True):
+def sample_args(mode, device, bidirectional, proj=0):
     D = 2 if bidirectional else 1
     opts = dict(dtype=torch.float64, device=device)
     x = torch.randn(4, 3, 5, **opts)
-    weights = [w.detach() for w in layer_weights(mode, 5, 6, directions=D, **opts)]
-    hx = torch.randn(D, 3, 6, **opts) if with_state else None
-    cx = torch.randn(D, 3, 6, **opts) if with_state and mode == "LSTM" else None
+    weights = [w.detach() for w in layer_weights(mode, 5, 6, directions=D, proj=proj, **opts)]
+    hx = torch.randn(D, 3, proj or 6, **opts)
+    cx = torch.randn(D, 3, 6, **opts) if mode == "LSTM" else None
     return x, weights, hx, cx
 
 
-@pytest.mark.parametrize("mode", MODES)
+# (mode, projection size, lengths): every cell, an LSTM projection, sorted lengths with a zero
+CASES = [(m, 0, None) for m in MODES] + [("LSTM", 4, None), ("GRU", 0, [4, 2, 0])]
+
+
+@pytest.mark.parametrize("mode, proj, lengths", CASES, ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("need_workspace", [True, False], ids=["train", "infer"])
-def test_layer_forward(mode, bidirectional, need_workspace, device):
-    x, weights, hx, cx = sample_args(mode, device, bidirectional)
-    args = (mode, x, weights, hx, cx, True, bidirectional, None, need_workspace)
+def test_layer_forward(mode, proj, lengths, bidirectional, need_workspace, device):
+    x, weights, hx, cx = sample_args(mode, device, bidirectional, proj)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    args = (mode, x, weights, hx, cx, True, bidirectional, lengths, need_workspace)
     torch.library.opcheck(torch.ops.rnnext.layer_forward.default, args)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, proj, lengths", CASES, ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize(
     "mask", [(True, True, True), (False, False, True), (True, False, False)], ids=str
 )
-def test_layer_backward(mode, bidirectional, mask, device):
-    x, weights, hx, cx = sample_args(mode, device, bidirectional)
-    fwd = (mode, x, weights, hx, cx, True, bidirectional, None, True)
+def test_layer_backward(mode, proj, lengths, bidirectional, mask, device):
+    x, weights, hx, cx = sample_args(mode, device, bidirectional, proj)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    fwd = (mode, x, weights, hx, cx, True, bidirectional, lengths, True)
     output, h_n, c_n, workspace = torch.ops.rnnext.layer_forward(*fwd)
     grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
     args = (
@@ -51,7 +57,7 @@ def test_layer_backward(mode, bidirectional, mask, device):
         grad_c_n,
         True,
         bidirectional,
-        None,
+        lengths,
         list(mask),
     )
     torch.library.opcheck(torch.ops.rnnext.layer_backward.default, args)

@@ -21,6 +21,8 @@ struct Gru {
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;
   static constexpr bool kHasCellState = false;
+  // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
+  static constexpr bool kDirectHiddenGrad = true;
   static constexpr bool kSeparateHiddenGrad = true;
 
   template <typename T>

@@ -19,6 +19,8 @@ struct Lstm {
   static constexpr int kSaved = 6;
   static constexpr bool kHasCellState = true;
   static constexpr int kStateInSaved = 4;  // c' sits at [4H, 5H) of the saved row
+  // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
+  static constexpr bool kDirectHiddenGrad = false;
   static constexpr bool kSeparateHiddenGrad = false;
 
   template <typename T>
@@ -44,7 +46,7 @@ struct Lstm {
   template <typename T>
   RNNEXT_HD static void backward(const T* saved, const T* /*h_out*/, const T* /*h_prev*/,
                                  const T* c_prev, T dh, T* dc, T* dgx, T* /*dgh*/,
-                                 T* dh_prev_direct, int64_t H, int64_t j) {
+                                 T* /*dh_prev_direct*/, int64_t H, int64_t j) {
     const T i = saved[j];
     const T f = saved[H + j];
     const T g = saved[2 * H + j];
@@ -56,7 +58,6 @@ struct Lstm {
     dgx[2 * H + j] = dc_total * i * tanh_grad(g);
     dgx[3 * H + j] = dh * tc * sigmoid_grad(o);
     dc[j] = dc_total * f;
-    dh_prev_direct[j] = T(0);
   }
 };
 

@@ -16,6 +16,8 @@ struct Elman {
   static constexpr int kGates = 1;
   static constexpr int kSaved = 0;  // per-step saved width, in units of H
   static constexpr bool kHasCellState = false;
+  // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
+  static constexpr bool kDirectHiddenGrad = false;
   static constexpr bool kSeparateHiddenGrad = false;
 
   template <typename T>
@@ -31,10 +33,9 @@ struct Elman {
   template <typename T>
   RNNEXT_HD static void backward(const T* /*saved*/, const T* h_out, const T* /*h_prev*/,
                                  const T* /*c_prev*/, T dh, T* /*dc*/, T* dgx, T* /*dgh*/,
-                                 T* dh_prev_direct, int64_t /*H*/, int64_t j) {
+                                 T* /*dh_prev_direct*/, int64_t /*H*/, int64_t j) {
     const T y = h_out[j];
     dgx[j] = kRelu ? (y > T(0) ? dh : T(0)) : dh * tanh_grad(y);
-    dh_prev_direct[j] = T(0);
   }
 };
 

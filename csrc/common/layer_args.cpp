@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 
 namespace rnnext {
@@ -41,12 +42,9 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
   LayerShape s;
   s.cell = parse_mode(mode);
   s.G = gate_count(s.cell);
-  s.S = saved_width(s.cell);
   s.D = bidirectional ? 2 : 1;
   s.has_biases = has_biases;
 
-  TORCH_CHECK_VALUE(!lengths.has_value(), op,
-                    ": lengths must be None: per-sequence lengths are not supported yet");
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I] (time-major), got ",
                     input.dim(), "-D with shape ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
@@ -57,46 +55,85 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
   TORCH_CHECK_VALUE(s.T > 0, op, ": input must have at least one time step, got shape ",
                     input.sizes());
 
-  const int64_t per_dir = has_biases ? 4 : 2;
-  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == per_dir * s.D, op, ": weights must ",
-                    "hold ", per_dir * s.D, " tensors (w_ih, w_hh",
-                    has_biases ? ", b_ih, b_hh" : "", " per direction), got ", weights.size(),
-                    " (a projection weight w_hr is not supported yet)");
+  const int64_t base = has_biases ? 4 : 2;
+  const int64_t count = static_cast<int64_t>(weights.size());
+  s.has_proj = count == (base + 1) * s.D;
+  TORCH_CHECK_VALUE(
+      count == base * s.D || (s.has_proj && s.cell == CellKind::kLstm), op, ": weights must hold ",
+      base * s.D, " tensors (w_ih, w_hh", has_biases ? ", b_ih, b_hh" : "", " per direction)",
+      s.cell == CellKind::kLstm ? ", or one more per direction (w_hr)" : "", ", got ", count);
+  const int64_t per_dir = s.has_proj ? base + 1 : base;
   TORCH_CHECK_VALUE(
       weights[0].dim() == 2 && weights[0].size(0) % s.G == 0 && weights[0].size(0) > 0, op,
       ": weights[0] (w_ih) must be 2-D [", s.G, "*H, I] with H > 0, got shape ",
       weights[0].sizes());
   s.H = weights[0].size(0) / s.G;
+  const at::Tensor& w_hr = weights[per_dir - 1];
+  TORCH_CHECK_VALUE(!s.has_proj || (w_hr.dim() == 2 && w_hr.size(0) > 0), op, ": weights[",
+                    per_dir - 1, "] (w_hr) must be 2-D [P, H] with P > 0, got shape ",
+                    w_hr.sizes());
+  s.P = s.has_proj ? w_hr.size(0) : s.H;
+  s.S = saved_width(s.cell);
+  s.ws_row = s.S * s.H + (s.has_proj ? s.H : 0);
   const int64_t GH = s.G * s.H;
 
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor* w = weights.data() + d * per_dir;
-    auto name = [&](int64_t k) {
-      static const char* kRole[4] = {"w_ih", "w_hh", "b_ih", "b_hh"};
-      return "weights[" + std::to_string(d * per_dir + k) + "] (" + kRole[k] +
+    auto name = [&](int64_t k, const char* role) {
+      return "weights[" + std::to_string(d * per_dir + k) + "] (" + role +
              (d ? " of the reverse direction)" : ")");
     };
     DirectionWeights dw;
-    check_like_input(op, name(0), w[0], input, {GH, s.I});
-    check_like_input(op, name(1), w[1], input, {GH, s.H});
+    check_like_input(op, name(0, "w_ih"), w[0], input, {GH, s.I});
+    check_like_input(op, name(1, "w_hh"), w[1], input, {GH, s.P});
     dw.w_ih = w[0];
     dw.w_hh = w[1];
     if (has_biases) {
-      check_like_input(op, name(2), w[2], input, {GH});
-      check_like_input(op, name(3), w[3], input, {GH});
+      check_like_input(op, name(2, "b_ih"), w[2], input, {GH});
+      check_like_input(op, name(3, "b_hh"), w[3], input, {GH});
       dw.b_ih = w[2];
       dw.b_hh = w[3];
+    }
+    if (s.has_proj) {
+      check_like_input(op, name(base, "w_hr"), w[base], input, {s.P, s.H});
+      dw.w_hr = w[base];
     }
     s.dirs.push_back(dw);
   }
 
-  if (hx.has_value()) check_like_input(op, "hx", *hx, input, {s.D, s.B, s.H});
+  if (hx.has_value()) check_like_input(op, "hx", *hx, input, {s.D, s.B, s.P});
   if (s.cell == CellKind::kLstm) {
     if (cx.has_value()) check_like_input(op, "cx", *cx, input, {s.D, s.B, s.H});
   } else {
     TORCH_CHECK_VALUE(!cx.has_value(), op, ": cx must be None for mode '",
                       std::string(mode.data(), mode.size()), "', got a tensor of shape ",
                       cx->sizes());
+  }
+
+  s.lengths.assign(s.B, s.T);
+  s.batch_sizes.assign(s.T, s.B);
+  if (lengths.has_value()) {
+    const at::Tensor& l = *lengths;
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == s.B, op,
+                      ": lengths must be 1-D of size B = ", s.B, ", got shape ", l.sizes());
+    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt, op,
+                     ": lengths must be int64 or int32, got ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.device().is_cpu() || l.device() == input.device(), op,
+                      ": lengths must be on the CPU or on the input's device ", input.device(),
+                      ", got ", l.device());
+    const at::Tensor values = l.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* v = values.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < s.B; ++b) {
+      TORCH_CHECK_VALUE(v[b] >= 0 && v[b] <= s.T, op, ": lengths must lie in [0, T = ", s.T,
+                        "], got lengths[", b, "] = ", v[b]);
+      TORCH_CHECK_VALUE(b == 0 || v[b] <= v[b - 1], op,
+                        ": lengths must be sorted longest first, got lengths[", b - 1,
+                        "] = ", v[b - 1], " < lengths[", b, "] = ", v[b]);
+      s.lengths[b] = v[b];
+    }
+    for (int64_t t = 0; t < s.T; ++t) {
+      s.batch_sizes[t] = std::count_if(v, v + s.B, [t](int64_t len) { return len > t; });
+    }
   }
   return s;
 }

@@ -23,25 +23,31 @@ int64_t gate_count(CellKind cell);
 int64_t saved_width(CellKind cell);
 
 // One direction's weights, taken from the op's flat `weights` list, which holds per direction
-// w_ih, w_hh and, with biases, b_ih, b_hh: torch.nn's `_flat_weights` order for one layer.
+// w_ih, w_hh, then b_ih, b_hh with biases, then w_hr with a projection (LSTM): torch.nn's
+// `_flat_weights` order for one layer.
 struct DirectionWeights {
   at::Tensor w_ih;  // [G*H, I]
   at::Tensor w_hh;  // [G*H, H]
   at::Tensor b_ih;  // [G*H], undefined without biases
   at::Tensor b_hh;  // [G*H], undefined without biases
+  at::Tensor w_hr;  // [P, H], LSTM projection, undefined without one
 };
 
-// Sizes of one layer call: T steps, B batch rows, I inputs, H hidden units, G gates,
-// D directions, S saved width (units of H).
+// Sizes of one layer call: T steps, B batch rows, I inputs, H hidden units, P state size (H,
+// or the projection size), G gates, D directions, S saved width (units of H), ws_row workspace
+// elements per step and row (the saved values, then m = o * tanh(c') with a projection).
 struct LayerShape {
   CellKind cell;
-  int64_t T, B, I, H, G, D, S;
-  bool has_biases;
+  int64_t T, B, I, H, P, G, D, S, ws_row;
+  bool has_biases, has_proj;
   std::vector<DirectionWeights> dirs;
+  std::vector<int64_t> lengths;      // [B] per-row lengths, longest first (T without lengths)
+  std::vector<int64_t> batch_sizes;  // [T] rows active at each step
 };
 
 // Checks the forward op's arguments and returns their sizes.
-// input [T, B, I]; hx [D, B, H]; cx [D, B, H] (LSTM only); lengths must be None for now.
+// input [T, B, I]; hx [D, B, P]; cx [D, B, H] (LSTM only); lengths [B] int64 or int32, on the
+// CPU or the input's device, values in [0, T], sorted longest first.
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,

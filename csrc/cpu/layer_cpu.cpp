@@ -18,14 +18,49 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// hx[d] or cx[d] as a contiguous [B, H] tensor, zeros when the state is not given.
-Tensor initial_state(const optional<Tensor>& state, int64_t d, const LayerShape& s,
+// hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given.
+Tensor initial_state(const optional<Tensor>& state, int64_t d, int64_t batch, int64_t size,
                      const at::TensorOptions& opts) {
-  return state.has_value() ? state->select(0, d).contiguous() : at::zeros({s.B, s.H}, opts);
+  return state.has_value() ? state->select(0, d).contiguous() : at::zeros({batch, size}, opts);
 }
 
-Tensor hidden_bias(const LayerShape& s, int64_t d, const at::TensorOptions& opts) {
-  return s.has_biases ? s.dirs[d].b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
+// The tensors one direction's loops read, made contiguous, with zeros for absent ones.
+struct DirectionInputs {
+  Tensor w_hh, w_hr, b_hh, h0, c0;
+
+  DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
+                  const optional<Tensor>& cx, const at::TensorOptions& opts) {
+    const DirectionWeights& w = s.dirs[d];
+    w_hh = w.w_hh.contiguous();
+    w_hr = s.has_proj ? w.w_hr.contiguous() : Tensor();
+    b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
+    h0 = initial_state(hx, d, s.B, s.P, opts);
+    c0 = s.cell == CellKind::kLstm ? initial_state(cx, d, s.B, s.H, opts) : Tensor();
+  }
+};
+
+template <typename T>
+void fill_dims(LayerDims<T>& p, const LayerShape& s, int64_t d, const DirectionInputs& in) {
+  p.steps = s.T;
+  p.batch = s.B;
+  p.hidden = s.H;
+  p.out = s.P;
+  p.gates = s.G;
+  p.ws_row = s.ws_row;
+  p.ldo = s.D * s.P;
+  p.m_offset = s.S * s.H;
+  p.reverse = d == 1;
+  p.batch_sizes = s.batch_sizes.data();
+  p.lengths = s.lengths.data();
+  p.w_hh = in.w_hh.const_data_ptr<T>();
+  p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
+  p.h0 = in.h0.const_data_ptr<T>();
+  p.c0 = in.c0.defined() ? in.c0.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -36,49 +71,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
                                         has_biases, bidirectional, lengths);
   const Tensor input = input_arg.contiguous();
   const auto opts = input.options();
-  const int64_t GH = s.G * s.H;
   const bool has_state = s.cell == CellKind::kLstm;
 
-  Tensor output = at::empty({s.T, s.B, s.D * s.H}, opts);
-  Tensor h_n = at::empty({s.D, s.B, s.H}, opts);
-  Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
+  Tensor output = at::empty({s.T, s.B, s.D * s.P}, opts);
+  Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
+  Tensor c_n = at::empty({has_state ? s.D : 0, s.B, s.H}, opts);
   Tensor workspace =
-      need_workspace ? at::empty({s.D, s.T, s.B, s.S * s.H}, opts) : at::empty({0}, opts);
+      need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
+  if (!has_state) c_n = at::empty({0}, opts);
   const Tensor x2d = input.view({s.T * s.B, s.I});
+  const Tensor hg = at::empty({s.B, s.G * s.H}, opts);
+  const Tensor step_scratch = at::empty({need_workspace ? 0 : s.B, s.ws_row}, opts);
 
   for (int64_t d = 0; d < s.D; ++d) {
     const DirectionWeights& w = s.dirs[d];
+    const DirectionInputs in(s, d, hx, cx, opts);
     const Tensor xg = has_biases ? at::addmm(w.b_ih, x2d, w.w_ih.t()) : at::mm(x2d, w.w_ih.t());
-    const Tensor w_hh = w.w_hh.contiguous();
-    const Tensor b_hh = hidden_bias(s, d, opts);
-    const Tensor h0 = initial_state(hx, d, s, opts);
-    const Tensor c0 = has_state ? initial_state(cx, d, s, opts) : Tensor();
-    const Tensor hg = at::empty({s.B, GH}, opts);
-    const Tensor c_buf = has_state ? at::empty({2, s.B, s.H}, opts) : Tensor();
-    const Tensor saved_scratch = at::empty({need_workspace ? 0 : s.B, s.S * s.H}, opts);
+    if (has_state) c_n[d].copy_(in.c0);
 
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_forward_cpu", [&] {
       using T = scalar_t;
       ForwardParams<T> p;
-      p.steps = s.T;
-      p.batch = s.B;
-      p.hidden = s.H;
-      p.gates = s.G;
-      p.saved_width = s.S;
-      p.ldo = s.D * s.H;
-      p.reverse = d == 1;
+      fill_dims(p, s, d, in);
       p.xg = xg.const_data_ptr<T>();
-      p.w_hh = w_hh.const_data_ptr<T>();
-      p.b_hh = b_hh.const_data_ptr<T>();
-      p.h0 = h0.const_data_ptr<T>();
-      p.c0 = has_state ? c0.const_data_ptr<T>() : nullptr;
-      p.output = output.mutable_data_ptr<T>() + d * s.H;
+      p.b_hh = in.b_hh.const_data_ptr<T>();
+      p.output = output.mutable_data_ptr<T>() + d * s.P;
       p.h_n = h_n[d].mutable_data_ptr<T>();
-      p.c_n = has_state ? c_n[d].mutable_data_ptr<T>() : nullptr;
-      p.saved = need_workspace ? workspace[d].mutable_data_ptr<T>() : nullptr;
-      p.saved_scratch = saved_scratch.mutable_data_ptr<T>();
+      p.c_state = has_state ? c_n[d].mutable_data_ptr<T>() : nullptr;
+      p.workspace = need_workspace ? workspace[d].mutable_data_ptr<T>() : nullptr;
+      p.step_scratch = step_scratch.mutable_data_ptr<T>();
       p.hg = hg.mutable_data_ptr<T>();
-      p.c_buf = has_state ? c_buf.mutable_data_ptr<T>() : nullptr;
       cells::visit(s.cell, [&](auto cell) { forward_direction<decltype(cell), T>(p); });
     });
   }
@@ -95,12 +117,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const LayerShape s =
       check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
   const bool has_state = s.cell == CellKind::kLstm;
-  check_like_input(op, "output", output, input_arg, {s.T, s.B, s.D * s.H});
-  check_like_input(op, "workspace", workspace_arg, input_arg, {s.D, s.T, s.B, s.S * s.H});
+  check_like_input(op, "output", output, input_arg, {s.T, s.B, s.D * s.P});
+  check_like_input(op, "workspace", workspace_arg, input_arg, {s.D, s.T, s.B, s.ws_row});
   if (grad_output_arg.has_value()) {
-    check_like_input(op, "grad_output", *grad_output_arg, input_arg, {s.T, s.B, s.D * s.H});
+    check_like_input(op, "grad_output", *grad_output_arg, input_arg, {s.T, s.B, s.D * s.P});
   }
-  if (grad_h_n.has_value()) check_like_input(op, "grad_h_n", *grad_h_n, input_arg, {s.D, s.B, s.H});
+  if (grad_h_n.has_value()) {
+    check_like_input(op, "grad_h_n", *grad_h_n, input_arg, {s.D, s.B, s.P});
+  }
   if (grad_c_n.has_value()) {
     TORCH_CHECK_VALUE(has_state, op, ": grad_c_n must be None for mode '",
                       std::string(mode.data(), mode.size()), "'");
@@ -115,51 +139,46 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const auto opts = input.options();
   const int64_t GH = s.G * s.H;
   const Tensor x2d = input.view({s.T * s.B, s.I});
+  const bool separate_dgh =
+      cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
 
   Tensor grad_input = at::empty({0}, opts);
-  Tensor grad_hx = need_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
-  Tensor grad_cx =
-      need_state && has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
+  Tensor grad_hx = at::empty({need_state ? s.D : 0, s.B, s.P}, opts);
+  Tensor grad_cx = at::empty({need_state && has_state ? s.D : 0, s.B, s.H}, opts);
+  if (!need_state) grad_hx = at::empty({0}, opts);
+  if (!(need_state && has_state)) grad_cx = at::empty({0}, opts);
   std::vector<Tensor> grad_weights;
+  const Tensor dgx = at::empty({s.T, s.B, GH}, opts);
+  const Tensor dgh = separate_dgh ? at::empty({s.T, s.B, GH}, opts) : dgx;
+  const Tensor dgh_first = at::empty({s.B, GH}, opts);
+  const Tensor grad_h = s.has_proj ? at::empty({s.T, s.B, s.P}, opts) : Tensor();
+  const Tensor dm = s.has_proj ? at::empty({s.B, s.H}, opts) : Tensor();
 
   for (int64_t d = 0; d < s.D; ++d) {
     const DirectionWeights& w = s.dirs[d];
-    const Tensor w_hh = w.w_hh.contiguous();
-    const Tensor h0 = initial_state(hx, d, s, opts);
-    const Tensor c0 = has_state ? initial_state(cx, d, s, opts) : Tensor();
-    const Tensor dgx = at::empty({s.T, s.B, GH}, opts);
-    const bool separate =
-        cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
-    const Tensor dgh = separate ? at::empty({s.T, s.B, GH}, opts) : dgx;
-    const Tensor dh = at::empty({2, s.B, s.H}, opts);
-    dh[0].copy_(grad_h_n.has_value() ? grad_h_n->select(0, d) : at::zeros({s.B, s.H}, opts));
-    const Tensor dc = has_state ? (grad_c_n.has_value()
-                                       ? grad_c_n->select(0, d).clone(at::MemoryFormat::Contiguous)
-                                       : at::zeros({s.B, s.H}, opts))
-                                : Tensor();
-    const Tensor dh0 = at::empty({s.B, s.H}, opts);
+    const DirectionInputs in(s, d, hx, cx, opts);
+    const Tensor dh = grad_h_n.has_value()
+                          ? grad_h_n->select(0, d).clone(at::MemoryFormat::Contiguous)
+                          : at::zeros({s.B, s.P}, opts);
+    const Tensor dc = !has_state ? Tensor()
+                      : grad_c_n.has_value()
+                          ? grad_c_n->select(0, d).clone(at::MemoryFormat::Contiguous)
+                          : at::zeros({s.B, s.H}, opts);
 
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_backward_cpu", [&] {
       using T = scalar_t;
       BackwardParams<T> p;
-      p.steps = s.T;
-      p.batch = s.B;
-      p.hidden = s.H;
-      p.gates = s.G;
-      p.saved_width = s.S;
-      p.ldo = s.D * s.H;
-      p.reverse = d == 1;
-      p.w_hh = w_hh.const_data_ptr<T>();
-      p.h0 = h0.const_data_ptr<T>();
-      p.c0 = has_state ? c0.const_data_ptr<T>() : nullptr;
-      p.output = out.const_data_ptr<T>() + d * s.H;
-      p.saved = workspace[d].const_data_ptr<T>();
-      p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<T>() + d * s.H : nullptr;
+      fill_dims(p, s, d, in);
+      p.output = out.const_data_ptr<T>() + d * s.P;
+      p.workspace = workspace[d].const_data_ptr<T>();
+      p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<T>() + d * s.P : nullptr;
       p.dgx = dgx.mutable_data_ptr<T>();
       p.dgh = dgh.mutable_data_ptr<T>();
+      p.dgh_first = dgh_first.mutable_data_ptr<T>();
+      p.grad_h = ptr_or_null<T>(grad_h);
+      p.dm = ptr_or_null<T>(dm);
       p.dh = dh.mutable_data_ptr<T>();
-      p.dc = has_state ? dc.mutable_data_ptr<T>() : nullptr;
-      p.dh0 = dh0.mutable_data_ptr<T>();
+      p.dc = ptr_or_null<T>(dc);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
 
@@ -169,23 +188,27 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       grad_input = d == 0 ? at::mm(dgx2d, w.w_ih) : grad_input.addmm_(dgx2d, w.w_ih);
     }
     if (need_state) {
-      grad_hx[d].copy_(dh0);
+      grad_hx[d].copy_(dh);
       if (has_state) grad_cx[d].copy_(dc);
     }
     if (need_weights) {
-      // Step t's hidden-side gradient pairs with the state it consumed: the output of the
-      // previous step in this direction's order, or h0 for the first step.
-      const int64_t first_t = d == 0 ? 0 : s.T - 1;
-      const Tensor states = out.narrow(2, d * s.H, s.H);
+      // Step t's hidden-side gradient pairs with the state it consumed: the previous step's
+      // output in this direction's order (zero past a row's end), or h0 at the row's first step.
+      const Tensor states = out.narrow(2, d * s.P, s.P);
       const Tensor dgh_rest = dgh.narrow(0, d == 0 ? 1 : 0, s.T - 1).reshape({-1, GH});
-      const Tensor h_rest = states.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({-1, s.H});
+      const Tensor h_rest = states.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({-1, s.P});
       Tensor grad_w_hh = at::mm(dgh_rest.t(), h_rest);
-      if (hx.has_value()) grad_w_hh.addmm_(dgh[first_t].t(), h0);
+      if (hx.has_value()) grad_w_hh.addmm_(dgh_first.t(), in.h0);
       grad_weights.push_back(at::mm(dgx2d.t(), x2d));
       grad_weights.push_back(grad_w_hh);
       if (has_biases) {
         grad_weights.push_back(dgx2d.sum(0));
         grad_weights.push_back(dgh2d.sum(0));
+      }
+      if (s.has_proj) {
+        // dW_hr = sum over steps of dh'^T m, m being the last H of each workspace row
+        const Tensor m = workspace[d].narrow(2, s.S * s.H, s.H).reshape({-1, s.H});
+        grad_weights.push_back(at::mm(grad_h.view({-1, s.P}).t(), m));
       }
     }
   }

@@ -1,13 +1,17 @@
 // The CPU time loops, written once and instantiated per cell policy (csrc/cells). One call runs
 // one direction of one layer. All buffers come in through the params structs, allocated by the
 // host code before the loop: inside it there are only BLAS calls and the fused pointwise passes.
+//
+// Per-sequence lengths: batch rows are sorted by length, longest first, so the rows active at
+// step t are a prefix [0, n_t) with n_t = batch_sizes[t] (the layout of a PackedSequence).
+// Each step's GEMMs and pointwise pass cover only that prefix; outputs past a row's end are
+// zero, its state stops at its own last step, and the reverse direction starts there.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 
 #include "blas.h"
 
@@ -19,113 +23,149 @@ inline int64_t pointwise_grain(int64_t row_elems) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems));
 }
 
-// Shapes: T steps, B rows, H hidden, G gates, S saved width (units of H). Output rows have
-// stride ldo (D*H for D directions); `output` points at this direction's first column.
+// What both passes share. T steps, B rows, H hidden units, P state size (H, or the projection
+// size of an LSTM with w_hr), G gates. Per step and row the workspace holds a row of `ws_row`
+// elements: the cell's saved values, then (with a projection) the cell output m before w_hr.
 template <typename T>
-struct ForwardParams {
-  int64_t steps, batch, hidden, gates, saved_width, ldo;
-  bool reverse;
-  const T* xg;       // [T, B, G*H] input projection, b_ih included
-  const T* w_hh;     // [G*H, H]
-  const T* b_hh;     // [G*H] (zeros without biases)
-  const T* h0;       // [B, H]
-  const T* c0;       // [B, H] (cells with a cell state)
-  T* output;         // [T, B, ldo]
-  T* h_n;            // [B, H]
-  T* c_n;            // [B, H] (cells with a cell state)
-  T* saved;          // [T, B, S*H] for backward, or null when backward will not run
-  T* saved_scratch;  // [B, S*H], used for every step when saved is null
-  T* hg;             // [B, G*H] scratch: W_hh h of the current step
-  T* c_buf;          // [2, B, H] scratch: cell state, double-buffered
+struct LayerDims {
+  int64_t steps, batch, hidden, out, gates, ws_row, ldo;
+  int64_t m_offset;            // where m sits in a workspace row (with a projection)
+  bool reverse;                // this direction runs from the last step to the first
+  const int64_t* batch_sizes;  // [T] non-increasing active row counts
+  const int64_t* lengths;      // [B] per-row lengths, non-increasing
+  const T* w_hh;               // [G*H, P]
+  const T* w_hr;               // [P, H], or null without a projection
+  const T* h0;                 // [B, P]
+  const T* c0;                 // [B, H] (cells with a cell state)
+
+  bool projected() const { return w_hr != nullptr; }
+  int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  // Step t's rows [0, continuing(t)) take their state from the previous step in this
+  // direction's order; rows [continuing(t), batch_sizes[t]) start at t from h0 and c0.
+  int64_t continuing(int64_t t) const {
+    if (reverse) return t == steps - 1 ? 0 : batch_sizes[t + 1];
+    return t == 0 ? 0 : batch_sizes[t];
+  }
+  int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+template <typename T>
+struct ForwardParams : LayerDims<T> {
+  const T* xg;      // [T, B, G*H] input projection, b_ih included
+  const T* b_hh;    // [G*H] (zeros without biases)
+  T* output;        // [T, B, ldo], this direction's P columns
+  T* h_n;           // [B, P]
+  T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
+  T* workspace;     // [T, B, ws_row] for backward, or null when backward will not run
+  T* step_scratch;  // [B, ws_row], every step's workspace row when workspace is null
+  T* hg;            // [B, G*H] scratch: W_hh h of the current step
 };
 
 template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
-  const int64_t B = p.batch, H = p.hidden, GH = p.gates * H, SH = p.saved_width * H;
-  const T* h_prev = p.h0;
-  int64_t ld_h_prev = H;
-  const T* c_prev = p.c0;
+  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t s = 0; s < p.steps; ++s) {
-    const int64_t t = p.reverse ? p.steps - 1 - s : s;
-    gemm<T>(false, true, B, GH, H, T(1), h_prev, ld_h_prev, p.w_hh, H, T(0), p.hg, GH);
-    const T* xg_t = p.xg + t * B * GH;
-    T* h_out = p.output + t * B * p.ldo;
-    T* c_out = Cell::kHasCellState ? p.c_buf + (s % 2) * B * H : nullptr;
-    T* saved_t = p.saved != nullptr ? p.saved + t * B * SH : p.saved_scratch;
-    at::parallel_for(0, B, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
+    const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
+    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
+    T* h_out = p.output + t * p.batch * p.ldo;
+    T* ws_t = p.workspace != nullptr ? p.workspace + t * p.batch * p.ws_row : p.step_scratch;
+    // The cell writes h' itself, or m = o * tanh(c') that w_hr then projects.
+    T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
+    const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
+
+    gemm<T>(false, true, n_cont, GH, P, T(1), h_cont, p.ldo, p.w_hh, P, T(0), p.hg, GH);
+    gemm<T>(false, true, n - n_cont, GH, P, T(1), p.h0 + n_cont * P, P, p.w_hh, P, T(0),
+            p.hg + n_cont * GH, GH);
+    at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const T* c_prev_b = Cell::kHasCellState ? c_prev + b * H : nullptr;
-        T* c_out_b = Cell::kHasCellState ? c_out + b * H : nullptr;
+        const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
+        T* c_b = Cell::kHasCellState ? p.c_state + b * H : nullptr;
         for (int64_t j = 0; j < H; ++j) {
-          Cell::forward(xg_t + b * GH, p.hg + b * GH, p.b_hh, h_prev + b * ld_h_prev, c_prev_b,
-                        h_out + b * p.ldo, c_out_b, saved_t + b * SH, H, j);
+          Cell::forward(p.xg + (t * p.batch + b) * GH, p.hg + b * GH, p.b_hh, h_prev, c_b,
+                        cell_out + b * ld_cell_out, c_b, ws_t + b * p.ws_row, H, j);
         }
       }
     });
-    h_prev = h_out;
-    ld_h_prev = p.ldo;
-    c_prev = c_out;
+    if (p.projected()) {
+      gemm<T>(false, true, n, P, H, T(1), cell_out, ld_cell_out, p.w_hr, H, T(0), h_out, p.ldo);
+    }
+    for (int64_t b = n; b < p.batch; ++b) std::fill_n(h_out + b * p.ldo, P, T(0));
+    if (p.workspace != nullptr) std::fill(ws_t + n * p.ws_row, ws_t + p.batch * p.ws_row, T(0));
   }
-  for (int64_t b = 0; b < B; ++b) {
-    std::copy(h_prev + b * ld_h_prev, h_prev + b * ld_h_prev + H, p.h_n + b * H);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t len = p.lengths[b];
+    const T* last = len == 0 ? p.h0 + b * P
+                             : p.output + (p.reverse ? 0 : len - 1) * p.batch * p.ldo + b * p.ldo;
+    std::copy(last, last + P, p.h_n + b * P);
   }
-  if (Cell::kHasCellState) std::copy(c_prev, c_prev + B * H, p.c_n);
 }
 
 template <typename T>
-struct BackwardParams {
-  int64_t steps, batch, hidden, gates, saved_width, ldo;
-  bool reverse;
-  const T* w_hh;         // [G*H, H]
-  const T* h0;           // [B, H]
-  const T* c0;           // [B, H] (cells with a cell state)
-  const T* output;       // [T, B, ldo], this direction's columns
-  const T* saved;        // [T, B, S*H] what forward saved
+struct BackwardParams : LayerDims<T> {
+  const T* output;       // [T, B, ldo], this direction's P columns
+  const T* workspace;    // [T, B, ws_row] what forward saved
   const T* grad_output;  // [T, B, ldo], or null for a zero gradient
   T* dgx;                // [T, B, G*H] out: input-side pre-activation gradients
   T* dgh;                // [T, B, G*H] out: hidden-side ones (may alias dgx, see the cell)
-  T* dh;                 // [2, B, H] scratch, dh[0] holds the gradient w.r.t. h_n on entry
+  T* dgh_first;          // [B, G*H] out: dgh at each row's first step (pairs with h0)
+  T* grad_h;             // [T, B, P] out (with a projection): gradient w.r.t. each h'
+  T* dm;                 // [B, H] scratch (with a projection): gradient w.r.t. m
+  T* dh;                 // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
   T* dc;                 // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
-  T* dh0;                // [B, H] out: gradient w.r.t. h0
 };
 
 template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
-  const int64_t B = p.batch, H = p.hidden, GH = p.gates * H, SH = p.saved_width * H;
-  T* dh = p.dh;
-  T* dh_prev = p.dh + B * H;
+  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
+  std::fill_n(p.dgh_first, p.batch * GH, T(0));
   for (int64_t s = p.steps - 1; s >= 0; --s) {
-    const int64_t t = p.reverse ? p.steps - 1 - s : s;
-    const int64_t t_prev = p.reverse ? t + 1 : t - 1;
-    const bool first = s == 0;
-    const T* h_prev = first ? p.h0 : p.output + t_prev * B * p.ldo;
-    const int64_t ld_h_prev = first ? H : p.ldo;
-    const T* saved_t = p.saved + t * B * SH;
-    const T* h_out = p.output + t * B * p.ldo;
-    const T* go_t = p.grad_output != nullptr ? p.grad_output + t * B * p.ldo : nullptr;
-    T* dgx_t = p.dgx + t * B * GH;
-    T* dgh_t = p.dgh + t * B * GH;
-    at::parallel_for(0, B, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
+    const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
+    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
+    const T* ws_t = p.workspace + t * p.batch * p.ws_row;
+    const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * p.batch * p.ws_row : nullptr;
+    const T* go_t = p.grad_output != nullptr ? p.grad_output + t * p.batch * p.ldo : nullptr;
+    T* dgx_t = p.dgx + t * p.batch * GH;
+    T* dgh_t = p.dgh + t * p.batch * GH;
+
+    // The cell's output gradient: dh' itself, or through the projection dm = dh' @ w_hr.
+    const T* dcell = p.dh;
+    int64_t ld_dcell = P;
+    if (p.projected()) {
+      T* grad_h_t = p.grad_h + t * p.batch * P;
+      for (int64_t i = 0; i < n * P; ++i) {
+        grad_h_t[i] = p.dh[i] + (go_t != nullptr ? go_t[(i / P) * p.ldo + i % P] : T(0));
+      }
+      std::fill(grad_h_t + n * P, grad_h_t + p.batch * P, T(0));
+      gemm<T>(false, false, n, H, P, T(1), grad_h_t, P, p.w_hr, H, T(0), p.dm, H);
+      dcell = p.dm;
+      ld_dcell = H;
+      go_t = nullptr;
+    }
+    at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const T* c_prev_b = nullptr;
-        T* dc_b = nullptr;
+        const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
+        const T* cell_out = p.projected() ? ws_t + b * p.ws_row + p.m_offset
+                                          : p.output + t * p.batch * p.ldo + b * p.ldo;
+        const T* c_prev = nullptr;
         if constexpr (Cell::kHasCellState) {
-          c_prev_b =
-              first ? p.c0 + b * H : p.saved + (t_prev * B + b) * SH + Cell::kStateInSaved * H;
-          dc_b = p.dc + b * H;
+          c_prev = b < n_cont ? ws_prev + b * p.ws_row + Cell::kStateInSaved * H : p.c0 + b * H;
         }
+        T* dc_b = Cell::kHasCellState ? p.dc + b * H : nullptr;
         for (int64_t j = 0; j < H; ++j) {
-          const T g = dh[b * H + j] + (go_t != nullptr ? go_t[b * p.ldo + j] : T(0));
-          Cell::backward(saved_t + b * SH, h_out + b * p.ldo, h_prev + b * ld_h_prev, c_prev_b, g,
-                         dc_b, dgx_t + b * GH, dgh_t + b * GH, dh_prev + b * H, H, j);
+          const T g = dcell[b * ld_dcell + j] + (go_t != nullptr ? go_t[b * p.ldo + j] : T(0));
+          // the direct part of dh_prev overwrites dh in place: element j is read just above
+          Cell::backward(ws_t + b * p.ws_row, cell_out, h_prev, c_prev, g, dc_b, dgx_t + b * GH,
+                         dgh_t + b * GH, p.dh + b * P, H, j);
         }
       }
     });
-    // dh_{t-1} = (direct part written by the cell) + dgh_t @ W_hh
-    gemm<T>(false, false, B, H, GH, T(1), dgh_t, GH, p.w_hh, H, T(1), dh_prev, H);
-    std::swap(dh, dh_prev);
+    std::fill(dgx_t + n * GH, dgx_t + p.batch * GH, T(0));
+    if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + p.batch * GH, T(0));
+    std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
+    // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
+    gemm<T>(false, false, n, P, GH, T(1), dgh_t, GH, p.w_hh, P,
+            Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
   }
-  std::copy(dh, dh + B * H, p.dh0);
 }
 
 }  // namespace cpu
