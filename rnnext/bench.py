@@ -1,0 +1,679 @@
+"""Benchmark rnnext's recurrent layers against torch.nn in the same process.
+
+Run ``python -m rnnext.bench`` (``--help`` lists the options). For every configuration
+(cell, sequence length T, batch B, input size I, hidden size H, layers, directions) the
+benchmark builds a torch.nn module and the matching rnnext module with the same weights
+(``load_state_dict``), feeds both the same input and initial state, and measures two passes:
+
+* ``fwd``: forward under ``torch.no_grad()``;
+* ``fwd+bwd``: forward with an input that requires grad, then
+  ``(output.sum() + h_n.sum() [+ c_n.sum()]).backward()``; input and parameter grads are set
+  to None between repeats, outside the timed region.
+
+Before anything is timed, both passes run once on both modules and the outputs, final states
+and gradients are compared with ``torch.testing.assert_close(rtol=1e-3, atol=1e-4)``. A
+configuration that disagrees is recorded with ``"agree": false`` and is not timed, so no speed
+of a wrong result is ever reported; ``main()`` then exits with status 1.
+
+Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
+around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine
+noise hits both alike, and the minimum is reported. The agreement check is the warm-up (one
+untimed call of each pass per side; ``torch.mm`` gets one untimed call per shape); then repeats
+continue until one side has spent ``BUDGET_S`` (1.5 s) of timed work, with at least
+``MIN_REPEATS`` (3) and at most ``MAX_REPEATS`` (7) repeats; ``--repeats N`` fixes the count
+to N instead, and ``--quick`` uses tiny sizes and ``QUICK_REPEATS``. The default run takes
+about 45 s on an idle 2-core machine (the budget is 3 minutes); busy cores slow it down.
+
+GEMM efficiency: one layer direction's forward does the FLOPs of a single
+``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.
+``2*T*B*(I+H)*G*H``, and forward+backward three times that. For each such shape the benchmark
+measures once per run (and caches) the FLOP/s that ``torch.mm`` reaches on it, with the same
+repeat policy. The efficiency is the time ``torch.mm`` would need for the layer's FLOPs divided
+by rnnext's time; for one layer this is ``(FLOPs / rnnext time) / torch.mm FLOP/s``, and for
+several layers (where layer l > 0 has input size ``H * directions``) the ideal times of the
+layers are summed.
+
+Outputs: a progress bar on stderr (tqdm, or a plain counter without it), a table on stdout,
+and in ``--out`` (default ``bench-results/``) ``bench.json`` (one record per configuration
+and pass, with machine information) and ``bench.png`` (torch.nn time / rnnext time per
+configuration; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+from torch import nn
+
+import rnnext
+
+Tensor = torch.Tensor
+State = Union[Tensor, tuple[Tensor, Tensor]]
+Record = dict[str, Any]
+Shape = tuple[int, int, int]
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+DEFAULT_CELLS = ("rnn_tanh", "gru", "lstm")
+DEFAULT_SIZES: tuple[Shape, ...] = ((1000, 1, 32), (500, 8, 128), (200, 32, 256), (100, 64, 512))
+QUICK_SIZES: tuple[Shape, ...] = ((20, 2, 8), (10, 4, 16))
+# 2-layer bidirectional GRU and LSTM, added when none of --sizes, --layers, --bidirectional is
+# given (at QUICK_EXTRA_SIZE with --quick).
+EXTRA_CELLS = ("gru", "lstm")
+EXTRA_LAYERS = 2
+EXTRA_SIZE: Shape = (200, 32, 256)
+QUICK_EXTRA_SIZE: Shape = (10, 2, 8)
+
+MIN_REPEATS = 3
+MAX_REPEATS = 7
+BUDGET_S = 1.5
+QUICK_REPEATS = 3
+RTOL = 1e-3
+ATOL = 1e-4
+PASSES = ("fwd", "fwd+bwd")
+# FLOPs of forward+backward relative to forward (forward, grad of inputs, grad of weights).
+PASS_FLOP_FACTOR = {"fwd": 1, "fwd+bwd": 3}
+# Labelled ticks of the plot's logarithmic ratio axis.
+RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmarked layer shape; the input size equals ``hidden_size`` unless given."""
+
+    cell: str
+    seq_len: int
+    batch: int
+    hidden_size: int
+    layers: int = 1
+    bidirectional: bool = False
+    input_size: int = 0
+
+    @property
+    def in_size(self) -> int:
+        """The first layer's input size I."""
+        return self.input_size or self.hidden_size
+
+    @property
+    def directions(self) -> int:
+        """Number of directions (1 or 2)."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``lstm 200x32x256 L2 bi``."""
+        size = f"{self.seq_len}x{self.batch}x{self.hidden_size}"
+        if self.in_size != self.hidden_size:
+            size += f" I{self.in_size}"
+        layers = f" L{self.layers}" if self.layers > 1 else ""
+        return f"{self.cell} {size}{layers}{' bi' if self.bidirectional else ''}"
+
+    def gemm_shapes(self) -> list[Shape]:
+        """Per layer, the (M, K, N) of the product ``[T*B, I_l+H] x [I_l+H, G*H]``."""
+        rows = self.seq_len * self.batch
+        cols = GATES[self.cell] * self.hidden_size
+        inputs = [self.in_size] + [self.hidden_size * self.directions] * (self.layers - 1)
+        return [(rows, i + self.hidden_size, cols) for i in inputs]
+
+    def forward_flops(self) -> int:
+        """FLOPs of the forward pass counted as GEMM work (all layers and directions)."""
+        return sum(gemm_flops(shape) for shape in self.gemm_shapes()) * self.directions
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatPolicy:
+    """How many times a measurement is repeated; see the module docstring."""
+
+    min_repeats: int = MIN_REPEATS
+    max_repeats: int = MAX_REPEATS
+    budget_s: float = BUDGET_S
+    warmup: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One timed callable and an optional untimed reset run before each call."""
+
+    run: Callable[[], object]
+    reset: Callable[[], None] | None = None
+
+
+def gemm_flops(shape: Shape) -> int:
+    """FLOPs of an ``[M, K] x [K, N]`` matrix product."""
+    m, k, n = shape
+    return 2 * m * k * n
+
+
+def _module_classes(cell: str) -> tuple[type[nn.RNNBase], type[nn.RNNBase], dict[str, str]]:
+    """torch.nn class, rnnext class and extra constructor arguments for a cell name."""
+    if cell == "gru":
+        return nn.GRU, rnnext.GRU, {}
+    if cell == "lstm":
+        return nn.LSTM, rnnext.LSTM, {}
+    return nn.RNN, rnnext.RNN, {"nonlinearity": cell.split("_")[1]}
+
+
+def build_pair(
+    config: Config,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[nn.RNNBase, nn.RNNBase]:
+    """Builds ``(torch_module, rnnext_module)`` for ``config`` with identical weights.
+
+    The torch.nn module is initialised from ``seed`` and its ``state_dict`` is loaded into the
+    rnnext module.
+    """
+    torch_cls, rnnext_cls, extra = _module_classes(config.cell)
+    kwargs: dict[str, Any] = dict(
+        input_size=config.in_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.layers,
+        bidirectional=config.bidirectional,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    reference = torch_cls(**kwargs)
+    fused = rnnext_cls(**kwargs)
+    fused.load_state_dict(reference.state_dict())
+    return reference.to(device, dtype), fused.to(device, dtype)
+
+
+def make_inputs(
+    config: Config,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[Tensor, State]:
+    """Random input ``[T, B, I]`` and initial state (``(h_0, c_0)`` for LSTM) for ``config``."""
+    gen = torch.Generator().manual_seed(seed)
+    state_shape = (config.layers * config.directions, config.batch, config.hidden_size)
+    x = torch.randn(config.seq_len, config.batch, config.in_size, generator=gen, dtype=dtype)
+    h0 = torch.randn(state_shape, generator=gen, dtype=dtype).to(device)
+    if config.cell == "lstm":
+        c0 = torch.randn(state_shape, generator=gen, dtype=dtype).to(device)
+        return x.to(device), (h0, c0)
+    return x.to(device), h0
+
+
+def _results(output: tuple[Tensor, State]) -> list[Tensor]:
+    """A module's output followed by its final state(s)."""
+    out, state = output
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+def _loss(output: tuple[Tensor, State]) -> Tensor:
+    """``output.sum() + h_n.sum()`` (``+ c_n.sum()`` for LSTM) of a module's result."""
+    return torch.stack([t.sum() for t in _results(output)]).sum()
+
+
+def check_agreement(reference: nn.Module, fused: nn.Module, x: Tensor, hx: State) -> str | None:
+    """Runs both passes on both modules; None if all results agree, else the first difference.
+
+    Compared: the no-grad forward's output and final states, and after forward+backward the
+    output, final states, input grad and every parameter grad.
+    """
+    names = ["output", "h_n", "c_n"] if isinstance(hx, tuple) else ["output", "h_n"]
+    grad_names = ["input grad"] + [f"{n} grad" for n, _ in reference.named_parameters()]
+    with torch.no_grad():
+        forward = [_results(module(x, hx)) for module in (reference, fused)]
+    backward = []
+    for module in (reference, fused):
+        leaf = x.detach().clone().requires_grad_(True)
+        output = module(leaf, hx)
+        _loss(output).backward()
+        grads = [leaf.grad] + [p.grad for p in module.parameters()]
+        backward.append([t.detach() for t in _results(output)] + grads)
+        module.zero_grad(set_to_none=True)
+    for pass_name, (expected, actual), labels in zip(
+        PASSES, (forward, backward), (names, names + grad_names)
+    ):
+        for label, want, got in zip(labels, expected, actual):
+            try:
+                torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+            except (AssertionError, TypeError) as err:
+                detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                return f"{pass_name} {label}: {detail}"
+    return None
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def best_times(
+    steps: Sequence[Step], policy: RepeatPolicy, sync: Callable[[], None]
+) -> tuple[list[float], int]:
+    """Times the steps interleaved, repeat by repeat; each one's best time (s) and the count."""
+
+    def once(step: Step) -> float:
+        if step.reset is not None:
+            step.reset()
+        sync()
+        start = time.perf_counter()
+        step.run()
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(policy.warmup):
+        for step in steps:
+            once(step)
+    best = [float("inf")] * len(steps)
+    spent = [0.0] * len(steps)
+    repeats = 0
+    while repeats < policy.min_repeats or (
+        repeats < policy.max_repeats and max(spent) < policy.budget_s
+    ):
+        for i, step in enumerate(steps):
+            seconds = once(step)
+            best[i] = min(best[i], seconds)
+            spent[i] += seconds
+        repeats += 1
+    return best, repeats
+
+
+def _pass_step(module: nn.Module, x: Tensor, hx: State, pass_name: str) -> Step:
+    """The timed work of one pass on one module."""
+    if pass_name == "fwd":
+
+        def forward() -> object:
+            with torch.no_grad():
+                return module(x, hx)
+
+        return Step(forward)
+    leaf = x.detach().clone().requires_grad_(True)
+    params = list(module.parameters())
+
+    def clear_grads() -> None:
+        leaf.grad = None
+        for param in params:
+            param.grad = None
+
+    def forward_backward() -> None:
+        _loss(module(leaf, hx)).backward()
+
+    return Step(forward_backward, clear_grads)
+
+
+class GemmRates:
+    """``torch.mm`` FLOP/s per product shape, measured on first use and cached for the run."""
+
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        policy: RepeatPolicy,
+        sync: Callable[[], None],
+    ) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.policy = policy
+        self.sync = sync
+        self._rates: dict[Shape, float] = {}
+
+    def rate(self, shape: Shape) -> float:
+        """Best FLOP/s of ``torch.mm`` on ``[M, K] x [K, N]`` for ``shape = (M, K, N)``."""
+        if shape not in self._rates:
+            m, k, n = shape
+            a = torch.randn(m, k, dtype=self.dtype, device=self.device)
+            b = torch.randn(k, n, dtype=self.dtype, device=self.device)
+            (seconds,), _ = best_times([Step(lambda: torch.mm(a, b))], self.policy, self.sync)
+            self._rates[shape] = gemm_flops(shape) / seconds
+        return self._rates[shape]
+
+    def efficiency(self, config: Config, pass_name: str, seconds: float) -> float:
+        """Time ``torch.mm`` needs for the pass's FLOPs divided by ``seconds``."""
+        ideal = sum(gemm_flops(shape) / self.rate(shape) for shape in config.gemm_shapes())
+        return ideal * config.directions * PASS_FLOP_FACTOR[pass_name] / seconds
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where readable, else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, dtype_name: str) -> Record:
+    """Fields describing the machine and software, added to every record."""
+    device_name = "cpu"
+    if device.type == "cuda":
+        device_name = f"cuda ({torch.cuda.get_device_name(device)})"
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "torch_version": torch.__version__,
+        "rnnext_version": rnnext.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device_name,
+        "dtype": dtype_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_config(
+    config: Config,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    policy: RepeatPolicy,
+    gemm: GemmRates,
+    machine: Record,
+) -> list[Record]:
+    """Checks and times one configuration; one record per pass."""
+    records = [
+        {
+            "config": config.label,
+            "cell": config.cell,
+            "T": config.seq_len,
+            "B": config.batch,
+            "I": config.in_size,
+            "H": config.hidden_size,
+            "layers": config.layers,
+            "bidirectional": config.bidirectional,
+            "pass": pass_name,
+            "flops": config.forward_flops() * PASS_FLOP_FACTOR[pass_name],
+            "torch_ms": None,
+            "rnnext_ms": None,
+            "ratio": None,
+            "gemm_efficiency": None,
+            "repeats": None,
+            "agree": None,
+            "status": "ok",
+            "note": "",
+            **machine,
+        }
+        for pass_name in PASSES
+    ]
+    reference, fused = build_pair(config, dtype, device, seed)
+    x, hx = make_inputs(config, dtype, device, seed)
+    mismatch = check_agreement(reference, fused, x, hx)
+    if mismatch is not None:
+        for record in records:
+            record.update(status="MISMATCH", agree=False, note=mismatch)
+        return records
+    # check_agreement ran each pass once on each module: that was the warm-up.
+    warmed = dataclasses.replace(policy, warmup=0)
+    for record in records:
+        steps = [_pass_step(module, x, hx, record["pass"]) for module in (reference, fused)]
+        (torch_s, rnnext_s), repeats = best_times(steps, warmed, gemm.sync)
+        record.update(
+            torch_ms=torch_s * 1e3,
+            rnnext_ms=rnnext_s * 1e3,
+            ratio=torch_s / rnnext_s,
+            gemm_efficiency=gemm.efficiency(config, record["pass"], rnnext_s),
+            repeats=repeats,
+            agree=True,
+        )
+    return records
+
+
+def _progress(configs: Sequence[Config]) -> Iterator[Config]:
+    """Yields the configs while showing progress on stderr (tqdm, or a plain counter)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("note: tqdm is not installed; plain progress counter", file=sys.stderr)
+        for index, config in enumerate(configs, 1):
+            print(f"[{index}/{len(configs)}] {config.label}", file=sys.stderr, flush=True)
+            yield config
+        return
+    with tqdm(configs, file=sys.stderr, unit="config", dynamic_ncols=True) as bar:
+        for config in bar:
+            bar.set_postfix_str(config.label)
+            yield config
+
+
+def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` when missing."""
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(records: Sequence[Record]) -> str:
+    """Aligned text table of the records, followed by the notes of skipped configurations."""
+    headers = ["cell", "T", "B", "I", "H", "layers", "bidir", "pass", "torch.nn ms", "rnnext ms"]
+    headers += ["ratio", "GEMM eff", "status"]
+    left = {"cell", "bidir", "pass", "status"}
+    rows = [
+        [
+            r["cell"],
+            *(str(r[key]) for key in ("T", "B", "I", "H", "layers")),
+            "yes" if r["bidirectional"] else "no",
+            r["pass"],
+            _number(r["torch_ms"], ".2f"),
+            _number(r["rnnext_ms"], ".2f"),
+            _number(r["ratio"], ".2f"),
+            _number(r["gemm_efficiency"], ".1%"),
+            r["status"],
+        ]
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if header in left else cell.rjust(width)
+            for cell, width, header in zip(cells, widths, headers)
+        ).rstrip()
+
+    lines = [line(headers), line(["-" * width for width in widths])]
+    lines += [line(row) for row in rows]
+    notes = {r["config"]: f"{r['status']}: {r['note']}" for r in records if r["note"]}
+    if notes:
+        lines += ["", "Not timed:"] + [f"  {label}: {note}" for label, note in notes.items()]
+    return "\n".join(lines)
+
+
+def plot_ratios(records: Sequence[Record], path: Path, title: str) -> str:
+    """Writes a bar chart of torch.nn time / rnnext time to ``path``; returns what it did."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "note: matplotlib is not installed; no plot written"
+    timed = [r for r in records if r["ratio"] is not None]
+    if not timed:
+        return "note: no configuration was timed; no plot written"
+    labels = list(dict.fromkeys(r["config"] for r in timed))
+    ratios = {(r["config"], r["pass"]): r["ratio"] for r in timed}
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(labels) + 2.0), 5.0))
+    for offset, pass_name in zip((-width / 2, width / 2), PASSES):
+        bars = ax.bar(
+            [index + offset for index in range(len(labels))],
+            [ratios[(label, pass_name)] for label in labels],
+            width,
+            label=pass_name,
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    values = [*ratios.values(), 1.0]
+    low, high = min(values) / 1.6, max(values) * 1.6
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    ax.set_yticks([tick for tick in RATIO_TICKS if low <= tick <= high])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([label.replace(" ", "\n") for label in labels], fontsize=8)
+    ax.set_ylabel("torch.nn time / rnnext time (log; > 1: rnnext faster)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _parse_sizes(text: str) -> list[Shape]:
+    """``"1000x1x32,500x8x128"`` to ``[(1000, 1, 32), (500, 8, 128)]``."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"bad size {item!r}; expected TxBxH, e.g. 500x8x128")
+        t, b, h = (int(part) for part in parts)
+        sizes.append((t, b, h))
+    return sizes
+
+
+def _parse_cells(text: str) -> list[str]:
+    """Comma list of cell names, checked against CELLS."""
+    cells = [cell.strip() for cell in text.split(",")]
+    for cell in cells:
+        if cell not in CELLS:
+            raise argparse.ArgumentTypeError(f"unknown cell {cell!r}; choose from {CELLS}")
+    return cells
+
+
+def _parse_layers(text: str) -> list[int]:
+    """Comma list of positive layer counts."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; expected e.g. 1,2")
+    return [int(part) for part in parts]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m rnnext.bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnext.bench",
+        description="Time rnnext's RNN/GRU/LSTM against torch.nn in the same process.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--cells",
+        type=_parse_cells,
+        default=list(DEFAULT_CELLS),
+        help=f"comma list from {','.join(CELLS)} (default: {','.join(DEFAULT_CELLS)})",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_parse_sizes,
+        help="comma list of TxBxH (sequence length, batch, hidden size; input size = H); "
+        "default: " + ",".join("x".join(map(str, size)) for size in DEFAULT_SIZES),
+    )
+    parser.add_argument(
+        "--layers", type=_parse_layers, help="comma list of layer counts to run (default: 1)"
+    )
+    parser.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="also run a bidirectional variant of every configuration",
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed repeats per side (default: adaptive, {MIN_REPEATS} to {MAX_REPEATS}, "
+        f"until {BUDGET_S} s per side)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and few repeats, for a smoke test"
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory for bench.json and bench.png (default: bench-results/)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> list[Config]:
+    """The configurations the parsed options ask for (see ``--help``)."""
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    directions = (False, True) if args.bidirectional else (False,)
+    configs = [
+        Config(cell, t, b, h, layers, bidirectional)
+        for cell in args.cells
+        for t, b, h in sizes
+        for layers in args.layers or [1]
+        for bidirectional in directions
+    ]
+    if args.sizes is None and args.layers is None and not args.bidirectional:
+        t, b, h = QUICK_EXTRA_SIZE if args.quick else EXTRA_SIZE
+        configs += [
+            Config(cell, t, b, h, EXTRA_LAYERS, True) for cell in args.cells if cell in EXTRA_CELLS
+        ]
+    return configs
+
+
+def run(argv: Sequence[str] | None = None) -> list[Record]:
+    """Runs the benchmark for command-line ``argv``; prints and writes results, returns them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    for option in ("threads", "repeats"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.repeats is not None:
+        policy = RepeatPolicy(args.repeats, args.repeats)
+    elif args.quick:
+        policy = RepeatPolicy(QUICK_REPEATS, QUICK_REPEATS)
+    else:
+        policy = RepeatPolicy()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    machine = machine_info(device, args.dtype)
+    gemm = GemmRates(dtype, device, policy, _sync_for(device))
+    records: list[Record] = []
+    for config in _progress(configs_from_args(args)):
+        records += bench_config(
+            config,
+            dtype=dtype,
+            device=device,
+            seed=args.seed,
+            policy=policy,
+            gemm=gemm,
+            machine=machine,
+        )
+    print(format_table(records))
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "bench.json"
+    json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {json_path}")
+    title = (
+        f"rnnext {rnnext.__version__} vs torch.nn {torch.__version__}: "
+        f"{machine['device']}, {args.dtype}, {machine['threads']} threads"
+    )
+    print(plot_ratios(records, args.out / "bench.png", title))
+    return records
+
+
+def main() -> None:
+    """Entry point of ``python -m rnnext.bench``; exits with status 1 if results disagree."""
+    if any(record["agree"] is False for record in run()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
