@@ -12,11 +12,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "blas.h"
 
 namespace rnnext {
 namespace cpu {
+
+// The pointwise passes are compiled for AVX-512, AVX2 (with FMA) and baseline x86-64, and the
+// loader picks the best one the CPU runs; the binary stays portable (no -march=native).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define RNNEXT_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RNNEXT_CPU_CLONES
+#endif
 
 // Rows of the pointwise pass handed to one thread: enough elements to pay for the hand-off.
 inline int64_t pointwise_grain(int64_t row_elems) {
@@ -61,6 +71,24 @@ struct ForwardParams : LayerDims<T> {
   T* hg;            // [B, G*H] scratch: W_hh h of the current step
 };
 
+// One step's fused pointwise forward over rows [b0, b1): gates, new state, saved values.
+template <typename Cell, typename T>
+RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, int64_t t, int64_t n_cont,
+                                    const T* h_cont, T* cell_out, int64_t ld_cell_out, T* ws_t,
+                                    int64_t b0, int64_t b1) {
+  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* xg = p.xg + (t * p.batch + b) * GH;
+    const T* hg = p.hg + b * GH;
+    const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
+    T* c = Cell::kHasCellState ? p.c_state + b * H : nullptr;  // updated in place
+    T* out = cell_out + b * ld_cell_out;
+    T* ws = ws_t + b * p.ws_row;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+  }
+}
+
 template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
@@ -77,14 +105,7 @@ void forward_direction(const ForwardParams<T>& p) {
     gemm<T>(false, true, n - n_cont, GH, P, T(1), p.h0 + n_cont * P, P, p.w_hh, P, T(0),
             p.hg + n_cont * GH, GH);
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
-        T* c_b = Cell::kHasCellState ? p.c_state + b * H : nullptr;
-        for (int64_t j = 0; j < H; ++j) {
-          Cell::forward(p.xg + (t * p.batch + b) * GH, p.hg + b * GH, p.b_hh, h_prev, c_b,
-                        cell_out + b * ld_cell_out, c_b, ws_t + b * p.ws_row, H, j);
-        }
-      }
+      forward_rows<Cell, T>(p, t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
     });
     if (p.projected()) {
       gemm<T>(false, true, n, P, H, T(1), cell_out, ld_cell_out, p.w_hr, H, T(0), h_out, p.ldo);
@@ -114,6 +135,44 @@ struct BackwardParams : LayerDims<T> {
   T* dc;                 // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
 };
 
+// One step's fused pointwise backward over rows [b0, b1): gate gradients, the direct part of
+// dh_prev (written over dh in place) and dc (in place).
+template <typename Cell, typename T>
+RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
+                                     const T* h_cont, const T* ws_t, const T* ws_prev,
+                                     const T* go_t, const T* dcell, int64_t ld_dcell, int64_t b0,
+                                     int64_t b1) {
+  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
+    const T* ws = ws_t + b * p.ws_row;
+    const T* cell_out = p.projected() ? ws + p.m_offset : p.output + (t * p.batch + b) * p.ldo;
+    const T* c_prev = nullptr;
+    if constexpr (Cell::kHasCellState) {
+      c_prev = b < n_cont ? ws_prev + b * p.ws_row + Cell::kStateInSaved * H : p.c0 + b * H;
+    }
+    T* dc = Cell::kHasCellState ? p.dc + b * H : nullptr;
+    T* dgx = p.dgx + (t * p.batch + b) * GH;
+    T* dgh = p.dgh + (t * p.batch + b) * GH;
+    T* dh = p.dh + b * P;
+    const T* dout = dcell + b * ld_dcell;
+    // the output gradient's presence is decided outside the vectorised loop
+    auto run = [&](auto with_go) {
+      const T* go = with_go ? go_t + b * p.ldo : nullptr;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const T g = with_go ? dout[j] + go[j] : dout[j];
+        Cell::backward(ws, cell_out, h_prev, c_prev, g, dc, dgx, dgh, dh, H, j);
+      }
+    };
+    if (go_t != nullptr) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  }
+}
+
 template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
@@ -142,22 +201,7 @@ void backward_direction(const BackwardParams<T>& p) {
       go_t = nullptr;
     }
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
-        const T* cell_out = p.projected() ? ws_t + b * p.ws_row + p.m_offset
-                                          : p.output + t * p.batch * p.ldo + b * p.ldo;
-        const T* c_prev = nullptr;
-        if constexpr (Cell::kHasCellState) {
-          c_prev = b < n_cont ? ws_prev + b * p.ws_row + Cell::kStateInSaved * H : p.c0 + b * H;
-        }
-        T* dc_b = Cell::kHasCellState ? p.dc + b * H : nullptr;
-        for (int64_t j = 0; j < H; ++j) {
-          const T g = dcell[b * ld_dcell + j] + (go_t != nullptr ? go_t[b * p.ldo + j] : T(0));
-          // the direct part of dh_prev overwrites dh in place: element j is read just above
-          Cell::backward(ws_t + b * p.ws_row, cell_out, h_prev, c_prev, g, dc_b, dgx_t + b * GH,
-                         dgh_t + b * GH, p.dh + b * P, H, j);
-        }
-      }
+      backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, dcell, ld_dcell, b0, b1);
     });
     std::fill(dgx_t + n * GH, dgx_t + p.batch * GH, T(0));
     if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + p.batch * GH, T(0));
