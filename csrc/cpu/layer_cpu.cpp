@@ -58,9 +58,13 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, int64_t d, const DirectionI
   p.c0 = in.c0.defined() ? in.c0.const_data_ptr<T>() : nullptr;
 }
 
-template <typename T>
-T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+// The directions of a bidirectional layer run concurrently, a thread each (BLAS called from
+// inside the parallel region runs single-threaded); one direction keeps all threads for BLAS.
+template <typename F>
+void for_each_direction(int64_t directions, const F& run) {
+  at::parallel_for(0, directions, 1, [&](int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; ++d) run(d);
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -80,30 +84,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
   if (!has_state) c_n = at::empty({0}, opts);
   const Tensor x2d = input.view({s.T * s.B, s.I});
-  const Tensor hg = at::empty({s.B, s.G * s.H}, opts);
-  const Tensor step_scratch = at::empty({need_workspace ? 0 : s.B, s.ws_row}, opts);
+  const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, opts);
+  const Tensor step_scratch = at::empty({s.D, need_workspace ? 0 : s.B, s.ws_row}, opts);
 
+  std::vector<DirectionInputs> inputs;
+  std::vector<Tensor> xgs;
   for (int64_t d = 0; d < s.D; ++d) {
     const DirectionWeights& w = s.dirs[d];
-    const DirectionInputs in(s, d, hx, cx, opts);
-    const Tensor xg = has_biases ? at::addmm(w.b_ih, x2d, w.w_ih.t()) : at::mm(x2d, w.w_ih.t());
-    if (has_state) c_n[d].copy_(in.c0);
-
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_forward_cpu", [&] {
-      using T = scalar_t;
+    inputs.emplace_back(s, d, hx, cx, opts);
+    xgs.push_back(has_biases ? at::addmm(w.b_ih, x2d, w.w_ih.t()) : at::mm(x2d, w.w_ih.t()));
+    if (has_state) c_n[d].copy_(inputs[d].c0);
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_forward_cpu", [&] {
+    using T = scalar_t;
+    for_each_direction(s.D, [&](int64_t d) {
+      const DirectionInputs& in = inputs[d];
       ForwardParams<T> p;
       fill_dims(p, s, d, in);
-      p.xg = xg.const_data_ptr<T>();
+      p.xg = xgs[d].const_data_ptr<T>();
       p.b_hh = in.b_hh.const_data_ptr<T>();
       p.output = output.mutable_data_ptr<T>() + d * s.P;
-      p.h_n = h_n[d].mutable_data_ptr<T>();
-      p.c_state = has_state ? c_n[d].mutable_data_ptr<T>() : nullptr;
-      p.workspace = need_workspace ? workspace[d].mutable_data_ptr<T>() : nullptr;
-      p.step_scratch = step_scratch.mutable_data_ptr<T>();
-      p.hg = hg.mutable_data_ptr<T>();
+      p.h_n = h_n.mutable_data_ptr<T>() + d * s.B * s.P;
+      p.c_state = has_state ? c_n.mutable_data_ptr<T>() + d * s.B * s.H : nullptr;
+      p.workspace =
+          need_workspace ? workspace.mutable_data_ptr<T>() + d * workspace.stride(0) : nullptr;
+      p.step_scratch = step_scratch.mutable_data_ptr<T>() + d * step_scratch.stride(0);
+      p.hg = hg.mutable_data_ptr<T>() + d * hg.stride(0);
       cells::visit(s.cell, [&](auto cell) { forward_direction<decltype(cell), T>(p); });
     });
-  }
+  });
   return {output, h_n, c_n, workspace};
 }
 
@@ -148,48 +157,54 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   if (!need_state) grad_hx = at::empty({0}, opts);
   if (!(need_state && has_state)) grad_cx = at::empty({0}, opts);
   std::vector<Tensor> grad_weights;
-  const Tensor dgx = at::empty({s.T, s.B, GH}, opts);
-  const Tensor dgh = separate_dgh ? at::empty({s.T, s.B, GH}, opts) : dgx;
-  const Tensor dgh_first = at::empty({s.B, GH}, opts);
-  const Tensor grad_h = s.has_proj ? at::empty({s.T, s.B, s.P}, opts) : Tensor();
-  const Tensor dm = s.has_proj ? at::empty({s.B, s.H}, opts) : Tensor();
+  // per-direction buffers, [D, ...], so that the directions can run concurrently
+  const Tensor dgx_all = at::empty({s.D, s.T, s.B, GH}, opts);
+  const Tensor dgh_all = separate_dgh ? at::empty({s.D, s.T, s.B, GH}, opts) : dgx_all;
+  const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
+  const Tensor grad_h = s.has_proj ? at::empty({s.D, s.T, s.B, s.P}, opts) : Tensor();
+  const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, opts) : Tensor();
+  const Tensor dh = grad_h_n.has_value() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
+                                         : at::zeros({s.D, s.B, s.P}, opts);
+  const Tensor dc = !has_state             ? Tensor()
+                    : grad_c_n.has_value() ? grad_c_n->clone(at::MemoryFormat::Contiguous)
+                                           : at::zeros({s.D, s.B, s.H}, opts);
+  std::vector<DirectionInputs> inputs;
+  for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_backward_cpu", [&] {
+    using T = scalar_t;
+    for_each_direction(s.D, [&](int64_t d) {
+      BackwardParams<T> p;
+      fill_dims(p, s, d, inputs[d]);
+      auto at_d = [d](const Tensor& t) -> T* {
+        return t.defined() ? t.mutable_data_ptr<T>() + d * t.stride(0) : nullptr;
+      };
+      p.output = out.const_data_ptr<T>() + d * s.P;
+      p.workspace = workspace.const_data_ptr<T>() + d * workspace.stride(0);
+      p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<T>() + d * s.P : nullptr;
+      p.dgx = at_d(dgx_all);
+      p.dgh = at_d(dgh_all);
+      p.dgh_first = at_d(dgh_first);
+      p.grad_h = at_d(grad_h);
+      p.dm = at_d(dm);
+      p.dh = at_d(dh);
+      p.dc = at_d(dc);
+      cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
+    });
+  });
 
   for (int64_t d = 0; d < s.D; ++d) {
     const DirectionWeights& w = s.dirs[d];
-    const DirectionInputs in(s, d, hx, cx, opts);
-    const Tensor dh = grad_h_n.has_value()
-                          ? grad_h_n->select(0, d).clone(at::MemoryFormat::Contiguous)
-                          : at::zeros({s.B, s.P}, opts);
-    const Tensor dc = !has_state ? Tensor()
-                      : grad_c_n.has_value()
-                          ? grad_c_n->select(0, d).clone(at::MemoryFormat::Contiguous)
-                          : at::zeros({s.B, s.H}, opts);
-
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_backward_cpu", [&] {
-      using T = scalar_t;
-      BackwardParams<T> p;
-      fill_dims(p, s, d, in);
-      p.output = out.const_data_ptr<T>() + d * s.P;
-      p.workspace = workspace[d].const_data_ptr<T>();
-      p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<T>() + d * s.P : nullptr;
-      p.dgx = dgx.mutable_data_ptr<T>();
-      p.dgh = dgh.mutable_data_ptr<T>();
-      p.dgh_first = dgh_first.mutable_data_ptr<T>();
-      p.grad_h = ptr_or_null<T>(grad_h);
-      p.dm = ptr_or_null<T>(dm);
-      p.dh = dh.mutable_data_ptr<T>();
-      p.dc = ptr_or_null<T>(dc);
-      cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
-    });
-
+    const Tensor dgx = dgx_all[d];
+    const Tensor dgh = dgh_all[d];
     const Tensor dgx2d = dgx.view({s.T * s.B, GH});
     const Tensor dgh2d = dgh.view({s.T * s.B, GH});
     if (need_input) {
       grad_input = d == 0 ? at::mm(dgx2d, w.w_ih) : grad_input.addmm_(dgx2d, w.w_ih);
     }
     if (need_state) {
-      grad_hx[d].copy_(dh);
-      if (has_state) grad_cx[d].copy_(dc);
+      grad_hx[d].copy_(dh[d]);
+      if (has_state) grad_cx[d].copy_(dc[d]);
     }
     if (need_weights) {
       // Step t's hidden-side gradient pairs with the state it consumed: the previous step's
@@ -198,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       const Tensor dgh_rest = dgh.narrow(0, d == 0 ? 1 : 0, s.T - 1).reshape({-1, GH});
       const Tensor h_rest = states.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({-1, s.P});
       Tensor grad_w_hh = at::mm(dgh_rest.t(), h_rest);
-      if (hx.has_value()) grad_w_hh.addmm_(dgh_first.t(), in.h0);
+      if (hx.has_value()) grad_w_hh.addmm_(dgh_first[d].t(), inputs[d].h0);
       grad_weights.push_back(at::mm(dgx2d.t(), x2d));
       grad_weights.push_back(grad_w_hh);
       if (has_biases) {
@@ -208,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       if (s.has_proj) {
         // dW_hr = sum over steps of dh'^T m, m being the last H of each workspace row
         const Tensor m = workspace[d].narrow(2, s.S * s.H, s.H).reshape({-1, s.H});
-        grad_weights.push_back(at::mm(grad_h.view({-1, s.P}).t(), m));
+        grad_weights.push_back(at::mm(grad_h[d].view({-1, s.P}).t(), m));
       }
     }
   }
