@@ -67,3 +67,101 @@ class LayerFunction(torch.autograd.Function):
             grad_cx if need_cx else None,
             *(g if need else None for g, need in zip(grad_weights, need_weights)),
         )
+
+
+def _segments(steps: int, every: int, lengths):
+    """(start, stop, lengths within the segment) for consecutive segments of `every` steps."""
+    for start in range(0, steps, every):
+        stop = min(start + every, steps)
+        seg_lengths = None if lengths is None else (lengths - start).clamp(0, stop - start)
+        yield start, stop, seg_lengths
+
+
+class CheckpointedLayerFunction(torch.autograd.Function):
+    """One unidirectional layer that keeps only the state every ``every`` steps.
+
+    Inputs: (mode, has_biases, lengths, every, input, hx, cx, *weights); returns (output, h_n,
+    c_n). Forward runs the layer segment by segment without saving what backward needs, and
+    keeps each segment's initial state. Backward runs the segments in reverse order: for each,
+    it recomputes the segment's forward (now saving) and runs its backward, carrying the state
+    gradients to the segment before. Memory for backward is then that of one segment, at the
+    price of a second forward pass.
+    """
+
+    @staticmethod
+    def forward(mode, has_biases, lengths, every, input, hx, cx, *weights):
+        outputs, starts_h, starts_c = [], [], []
+        h, c = hx, cx
+        for start, stop, seg_lengths in _segments(input.shape[0], every, lengths):
+            starts_h.append(h)
+            starts_c.append(c)
+            out, h, c, _ = torch.ops.rnnext.layer_forward(
+                mode, input[start:stop], list(weights), h, c, has_biases, False, seg_lengths, False
+            )
+            outputs.append(out)
+            c = c if mode == "LSTM" else None
+        # segment 0 starts from hx / cx as given (possibly None); the others from real states
+        ctx_states = starts_h[1:] + starts_c[1:] if mode == "LSTM" else starts_h[1:]
+        c_n = c if mode == "LSTM" else input.new_empty(0)
+        return (torch.cat(outputs), h, c_n, *ctx_states)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mode, has_biases, lengths, every, input, hx, cx, *weights = inputs
+        ctx.mode, ctx.has_biases, ctx.every, ctx.n_weights = mode, has_biases, every, len(weights)
+        ctx.save_for_backward(lengths, input, hx, cx, *weights, *output[3:])
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+        lengths, input, hx, cx, *rest = ctx.saved_tensors
+        weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
+        is_lstm = ctx.mode == "LSTM"
+        segments = list(_segments(input.shape[0], ctx.every, lengths))
+        n = len(segments) - 1
+        starts_h = [hx, *states[:n]]
+        starts_c = [cx, *states[n:]] if is_lstm else [None] * len(segments)
+        need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[4:]
+        grad_input = torch.empty_like(input) if need_input else None
+        grad_weights = [None] * len(weights)
+        dh, dc = grad_h_n, grad_c_n if is_lstm else None
+        for k in range(len(segments) - 1, -1, -1):
+            start, stop, seg_lengths = segments[k]
+            x = input[start:stop]
+            h0, c0 = starts_h[k], starts_c[k]
+            out, _, _, workspace = torch.ops.rnnext.layer_forward(
+                ctx.mode, x, list(weights), h0, c0, ctx.has_biases, False, seg_lengths, True
+            )
+            go = grad_output[start:stop] if grad_output is not None else None
+            gi, dh, dc, gw = torch.ops.rnnext.layer_backward(
+                ctx.mode,
+                x,
+                list(weights),
+                h0,
+                c0,
+                out,
+                workspace,
+                go,
+                dh,
+                dc,
+                ctx.has_biases,
+                False,
+                seg_lengths,
+                [need_input, True, any(need_weights)],
+            )
+            dc = dc if is_lstm else None
+            if need_input:
+                grad_input[start:stop] = gi
+            for i, g in enumerate(gw):
+                grad_weights[i] = g if grad_weights[i] is None else grad_weights[i].add_(g)
+        return (
+            None,
+            None,
+            None,
+            None,
+            grad_input,
+            dh if need_hx else None,
+            dc if need_cx else None,
+            *(g if need else None for g, need in zip(grad_weights, need_weights)),
+        )

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._autograd import LayerFunction
+from ._autograd import CheckpointedLayerFunction, LayerFunction
 
 Tensor = torch.Tensor
 
@@ -22,6 +22,7 @@ def recurrent_layer(
     bidirectional: bool = False,
     lengths: Tensor | None = None,
     lengths_sorted: bool = False,
+    checkpoint_every: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs one recurrent layer over a whole sequence with rnnext's fused kernels.
 
@@ -40,6 +41,11 @@ def recurrent_layer(
             there, and nothing past the end receives a gradient. Padding must be finite.
         lengths_sorted: promise that ``lengths`` is sorted longest first, which saves the
             reordering of the batch that the kernels otherwise need.
+        checkpoint_every: bounded memory for long sequences (unidirectional layers): keep
+            only the state every ``checkpoint_every`` steps during forward and recompute the
+            steps in between during backward. Backward then holds one segment's intermediate
+            values instead of the whole sequence's, for a second forward pass in time.
+            Gradients are the same as without it.
 
     Returns:
         ``output [T, B, D*P]``, ``h_n [D, B, P]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
@@ -54,11 +60,23 @@ def recurrent_layer(
         input = input.index_select(1, dev_order)
         hx = hx.index_select(1, dev_order) if hx is not None else None
         cx = cx.index_select(1, dev_order) if cx is not None else None
+    if checkpoint_every is not None:
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(
+                f"rnnext: checkpoint_every must be a positive int or None, got {checkpoint_every!r}"
+            )
+        if bidirectional:
+            raise ValueError("rnnext: checkpoint_every needs a unidirectional layer")
     tensors = (input, hx, cx, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        output, h_n, c_n, _ = LayerFunction.apply(
-            mode, has_biases, bidirectional, lengths, input, hx, cx, *weights
-        )
+        if checkpoint_every is not None:
+            output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
+                mode, has_biases, lengths, checkpoint_every, input, hx, cx, *weights
+            )
+        else:
+            output, h_n, c_n, _ = LayerFunction.apply(
+                mode, has_biases, bidirectional, lengths, input, hx, cx, *weights
+            )
     else:
         output, h_n, c_n, _ = torch.ops.rnnext.layer_forward(
             mode, input, list(weights), hx, cx, has_biases, bidirectional, lengths, False

@@ -36,6 +36,8 @@ class _FusedRNNBase(nn.RNNBase):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__(
             mode,
@@ -50,6 +52,13 @@ class _FusedRNNBase(nn.RNNBase):
             device=device,
             dtype=dtype,
         )
+        # rnnext's own option (not part of the state_dict): see rnnext.functional
+        self.checkpoint_every = checkpoint_every
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        every = getattr(self, "checkpoint_every", None)
+        return s if every is None else f"{s}, checkpoint_every={every}"
 
     def _fused_forward(self, input, hx, lengths: Tensor | None):
         """torch.nn's argument handling and checks around rnnext's layer op."""
@@ -158,6 +167,8 @@ class _FusedRNNBase(nn.RNNBase):
                 bidirectional=self.bidirectional,
                 lengths=lengths,
                 lengths_sorted=True,
+                # modules converted from torch.nn have no such attribute
+                checkpoint_every=getattr(self, "checkpoint_every", None),
             )
             h_n.append(h)
             c_n.append(c)
@@ -181,6 +192,10 @@ class RNN(_FusedRNNBase):
     Arguments as :class:`torch.nn.RNN`. Input ``[T, B, I]`` (``[B, T, I]`` with
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[1, B, H]`` (``[1, H]`` unbatched).
     Returns ``(output [T, B, H], h_n [1, B, H])``.
+
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    ``checkpoint_every`` for bounded memory on long sequences (see
+    :func:`rnnext.functional.recurrent_layer`).
     """
 
     def __init__(
@@ -195,6 +210,8 @@ class RNN(_FusedRNNBase):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        *,
+        checkpoint_every: int | None = None,
     ) -> None:
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
@@ -213,6 +230,7 @@ class RNN(_FusedRNNBase):
             bidirectional,
             device=device,
             dtype=dtype,
+            checkpoint_every=checkpoint_every,
         )
 
     def forward(
@@ -227,6 +245,10 @@ class GRU(_FusedRNNBase):
     Arguments as :class:`torch.nn.GRU`. Input ``[T, B, I]`` (``[B, T, I]`` with
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[1, B, H]`` (``[1, H]`` unbatched).
     Returns ``(output [T, B, H], h_n [1, B, H])``.
+
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    ``checkpoint_every`` for bounded memory on long sequences (see
+    :func:`rnnext.functional.recurrent_layer`).
     """
 
     def __init__(
@@ -240,6 +262,8 @@ class GRU(_FusedRNNBase):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        *,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__(
             "GRU",
@@ -252,6 +276,7 @@ class GRU(_FusedRNNBase):
             bidirectional,
             device=device,
             dtype=dtype,
+            checkpoint_every=checkpoint_every,
         )
 
     def forward(
@@ -266,6 +291,10 @@ class LSTM(_FusedRNNBase):
     Arguments as :class:`torch.nn.LSTM`. Input ``[T, B, I]`` (``[B, T, I]`` with
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` a tuple ``(h_0, c_0)`` of ``[1, B, H]``
     (``[1, H]`` unbatched). Returns ``(output [T, B, H], (h_n [1, B, H], c_n [1, B, H]))``.
+
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    ``checkpoint_every`` for bounded memory on long sequences (see
+    :func:`rnnext.functional.recurrent_layer`).
     """
 
     def __init__(
@@ -280,6 +309,8 @@ class LSTM(_FusedRNNBase):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__(
             "LSTM",
@@ -293,6 +324,7 @@ class LSTM(_FusedRNNBase):
             proj_size,
             device=device,
             dtype=dtype,
+            checkpoint_every=checkpoint_every,
         )
 
     # torch.nn.LSTM's own checks of the (h_0, c_0) pair, with its messages

@@ -1,0 +1,58 @@
+"""checkpoint_every: periodic state checkpoints and recomputation give the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, flat, layer_weights, make_module, weighted_loss
+
+from rnnext import functional
+
+
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 3)], ids=str)
+@pytest.mark.parametrize("every", [1, 4, 11, 100])
+@pytest.mark.parametrize("lengths", [None, [11, 2, 7, 0]], ids=["full", "lengths"])
+def test_recompute_gives_the_same_gradients(mode, proj, every, lengths):
+    torch.manual_seed(0)
+    T, B, I, H = 11, 4, 3, 5
+    opts = dict(dtype=torch.float64)
+    x = torch.randn(T, B, I, **opts, requires_grad=True)
+    weights = layer_weights(mode, I, H, proj=proj)
+    h0 = torch.randn(1, B, proj or H, **opts, requires_grad=True)
+    c0 = torch.randn(1, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    inputs = [t for t in (x, h0, c0, *weights) if t is not None]
+    results = []
+    for checkpoint_every in (None, every):
+        out = functional.recurrent_layer(
+            mode, x, weights, h0, c0, lengths=lengths, checkpoint_every=checkpoint_every
+        )
+        results.append(list(out) + list(torch.autograd.grad(weighted_loss(*out), inputs)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_module_option(mode):
+    torch.manual_seed(1)
+    plain = make_module(mode, 3, 4, nn=False, num_layers=2).double()
+    bounded = make_module(mode, 3, 4, nn=False, num_layers=2, checkpoint_every=3).double()
+    bounded.load_state_dict(plain.state_dict())
+    assert "checkpoint_every=3" in repr(bounded)
+    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    grads = []
+    for module in (plain, bounded):
+        loss = weighted_loss(*(flat(module(x)) + ([] if mode == "LSTM" else [x.new_zeros(0)])))
+        grads.append(torch.autograd.grad(loss, list(module.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_values():
+    x = torch.randn(5, 2, 3)
+    weights = layer_weights("GRU", 3, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int or None, got 0"):
+        functional.recurrent_layer("GRU", x, weights, checkpoint_every=0)
+    weights = layer_weights("GRU", 3, 4, directions=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="checkpoint_every needs a unidirectional layer"):
+        functional.recurrent_layer("GRU", x, weights, bidirectional=True, checkpoint_every=2)
