@@ -90,7 +90,7 @@ class CheckpointedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(mode, has_biases, lengths, every, input, hx, cx, *weights):
-        outputs, starts_h, starts_c = [], [], []
+        output, starts_h, starts_c = None, [], []
         h, c = hx, cx
         for start, stop, seg_lengths in _segments(input.shape[0], every, lengths):
             starts_h.append(h)
@@ -98,12 +98,14 @@ class CheckpointedLayerFunction(torch.autograd.Function):
             out, h, c, _ = torch.ops.rnnext.layer_forward(
                 mode, input[start:stop], list(weights), h, c, has_biases, False, seg_lengths, False
             )
-            outputs.append(out)
+            if output is None:  # filled segment by segment: no second copy at the end
+                output = out.new_empty((input.shape[0], *out.shape[1:]))
+            output[start:stop] = out
             c = c if mode == "LSTM" else None
         # segment 0 starts from hx / cx as given (possibly None); the others from real states
         ctx_states = starts_h[1:] + starts_c[1:] if mode == "LSTM" else starts_h[1:]
         c_n = c if mode == "LSTM" else input.new_empty(0)
-        return (torch.cat(outputs), h, c_n, *ctx_states)
+        return (output, h, c_n, *ctx_states)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -16,7 +16,7 @@ from . import _C  # noqa: F401  (loading the library registers torch.ops.rnnext)
 
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 # Floats saved per batch row and step for backward, in units of H (csrc/cells/*.h, kSaved).
-SAVED_WIDTH = {"RNN_TANH": 0, "RNN_RELU": 0, "GRU": 4, "LSTM": 6}
+SAVED_WIDTH = {"RNN_TANH": 0, "RNN_RELU": 0, "GRU": 4, "LSTM": 5}
 
 Tensor = torch.Tensor
 

@@ -76,6 +76,34 @@ def test_lengths_and_projection_match_reference(mode, bidirectional, proj, lengt
         assert our_grads[0][past_end].abs().sum() == 0  # and the input there gets no gradient
 
 
+@pytest.mark.parametrize("block_steps", ["1", "3", "4"])
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 3)], ids=str)
+def test_blocked_input_gemms(mode, proj, block_steps, monkeypatch):
+    """Long sequences run their input-side GEMMs in blocks of steps: many blocks, with a
+    partial last one, both directions and lengths, give the reference's results."""
+    monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", block_steps)
+    torch.manual_seed(4)
+    T, B, I, H = 11, 4, 3, 5
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    weights = layer_weights(mode, I, H, directions=2, proj=proj)
+    h0 = torch.randn(2, B, proj or H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([11, 6, 0, 9])
+    for lens in (None, lengths):
+        (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, True, lens)
+        for a, b in zip(ours + our_grads, ref + ref_grads):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expanded_output_gradient(mode, device):
+    """The gradient of output.sum() arrives expanded (stride 0); it is read in place."""
+    x = torch.randn(7, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weights = layer_weights(mode, 4, 5, device=device)
+    ours = torch.autograd.grad(functional.recurrent_layer(mode, x, weights)[0].sum(), x)
+    ref = torch.autograd.grad(reference.recurrent_layer(mode, x, weights)[0].sum(), x)
+    torch.testing.assert_close(ours, ref)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_input_and_state(mode, device):
     torch.manual_seed(1)

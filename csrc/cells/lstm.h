@@ -5,7 +5,8 @@
 //
 // Pointer shapes, for one batch row and hidden size H (G = 4 gates):
 //   xg [4H], hg [4H], b_hh [4H], c_prev [H], h_out [H], c_out [H]
-//   saved [6H] = i, f, g, o, c', tanh(c')
+//   saved [5H] = i, f, g, o, c' (backward recomputes tanh(c'): one more tanh per element beats
+//   a sixth saved row, which for long sequences is what bounds memory)
 //   dc [H]: in, the gradient w.r.t. c'; out, the gradient w.r.t. c (updated in place)
 #pragma once
 
@@ -16,7 +17,7 @@ namespace cells {
 
 struct Lstm {
   static constexpr int kGates = 4;
-  static constexpr int kSaved = 6;
+  static constexpr int kSaved = 5;
   static constexpr bool kHasCellState = true;
   static constexpr int kStateInSaved = 4;  // c' sits at [4H, 5H) of the saved row
   // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
@@ -40,7 +41,6 @@ struct Lstm {
     saved[2 * H + j] = g;
     saved[3 * H + j] = o;
     saved[4 * H + j] = c;
-    saved[5 * H + j] = tc;
   }
 
   template <typename T>
@@ -51,7 +51,7 @@ struct Lstm {
     const T f = saved[H + j];
     const T g = saved[2 * H + j];
     const T o = saved[3 * H + j];
-    const T tc = saved[5 * H + j];
+    const T tc = tanh_(saved[4 * H + j]);
     const T dc_total = dc[j] + dh * o * tanh_grad(tc);
     dgx[j] = dc_total * g * sigmoid_grad(i);
     dgx[H + j] = dc_total * c_prev[j] * sigmoid_grad(f);

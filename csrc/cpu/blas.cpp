@@ -52,7 +52,7 @@ at::Tensor matrix_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool 
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
+  if (M == 0 || N == 0 || (K == 0 && beta == T(1))) return;
   const FortranGemm<T> blas = fortran_gemm<T>();
   if (blas != nullptr && K > 0 && fits_int({M, N, K, lda, ldb, ldc})) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.

@@ -4,7 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -26,23 +28,39 @@ Tensor initial_state(const optional<Tensor>& state, int64_t d, int64_t batch, in
 
 // The tensors one direction's loops read, made contiguous, with zeros for absent ones.
 struct DirectionInputs {
-  Tensor w_hh, w_hr, b_hh, h0, c0;
+  Tensor w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0;
 
   DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
                   const optional<Tensor>& cx, const at::TensorOptions& opts) {
     const DirectionWeights& w = s.dirs[d];
+    w_ih = w.w_ih.contiguous();
     w_hh = w.w_hh.contiguous();
     w_hr = s.has_proj ? w.w_hr.contiguous() : Tensor();
+    b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
     b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
     h0 = initial_state(hx, d, s.B, s.P, opts);
     c0 = s.cell == CellKind::kLstm ? initial_state(cx, d, s.B, s.H, opts) : Tensor();
   }
 };
 
+// Steps per block of the input-side GEMMs: blocks of about 2^22 gate values (16 MB in float)
+// keep buffers bounded for long sequences, while each block still has enough rows (at least
+// 256) for BLAS to run at full speed. RNNEXT_CPU_BLOCK_STEPS overrides it (tests use it to
+// cover many blocks with small sizes).
+int64_t block_steps(const LayerShape& s) {
+  int64_t steps =
+      std::max<int64_t>(256, (int64_t{1} << 22) / (s.G * s.H)) / std::max<int64_t>(s.B, 1);
+  if (const char* env = std::getenv("RNNEXT_CPU_BLOCK_STEPS")) steps = std::atoll(env);
+  return std::clamp<int64_t>(steps, 1, s.T);
+}
+
 template <typename T>
-void fill_dims(LayerDims<T>& p, const LayerShape& s, int64_t d, const DirectionInputs& in) {
+void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
+               const DirectionInputs& in) {
   p.steps = s.T;
   p.batch = s.B;
+  p.inputs = s.I;
+  p.block_steps = block_steps(s);
   p.hidden = s.H;
   p.out = s.P;
   p.gates = s.G;
@@ -52,6 +70,8 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, int64_t d, const DirectionI
   p.reverse = d == 1;
   p.batch_sizes = s.batch_sizes.data();
   p.lengths = s.lengths.data();
+  p.x = input.const_data_ptr<T>();
+  p.w_ih = in.w_ih.const_data_ptr<T>();
   p.w_hh = in.w_hh.const_data_ptr<T>();
   p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
   p.h0 = in.h0.const_data_ptr<T>();
@@ -83,33 +103,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor workspace =
       need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
   if (!has_state) c_n = at::empty({0}, opts);
-  const Tensor x2d = input.view({s.T * s.B, s.I});
+  // per-direction scratch, [D, ...], so that the directions can run concurrently
+  const Tensor xg = at::empty({s.D, block_steps(s), s.B, s.G * s.H}, opts);
   const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, opts);
   const Tensor step_scratch = at::empty({s.D, need_workspace ? 0 : s.B, s.ws_row}, opts);
-
   std::vector<DirectionInputs> inputs;
-  std::vector<Tensor> xgs;
   for (int64_t d = 0; d < s.D; ++d) {
-    const DirectionWeights& w = s.dirs[d];
     inputs.emplace_back(s, d, hx, cx, opts);
-    xgs.push_back(has_biases ? at::addmm(w.b_ih, x2d, w.w_ih.t()) : at::mm(x2d, w.w_ih.t()));
     if (has_state) c_n[d].copy_(inputs[d].c0);
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_forward_cpu", [&] {
     using T = scalar_t;
     for_each_direction(s.D, [&](int64_t d) {
       const DirectionInputs& in = inputs[d];
+      auto at_d = [d](const Tensor& t) { return t.mutable_data_ptr<T>() + d * t.stride(0); };
       ForwardParams<T> p;
-      fill_dims(p, s, d, in);
-      p.xg = xgs[d].const_data_ptr<T>();
+      fill_dims(p, s, input, d, in);
+      p.b_ih = in.b_ih.const_data_ptr<T>();
       p.b_hh = in.b_hh.const_data_ptr<T>();
+      p.xg = at_d(xg);
       p.output = output.mutable_data_ptr<T>() + d * s.P;
-      p.h_n = h_n.mutable_data_ptr<T>() + d * s.B * s.P;
-      p.c_state = has_state ? c_n.mutable_data_ptr<T>() + d * s.B * s.H : nullptr;
-      p.workspace =
-          need_workspace ? workspace.mutable_data_ptr<T>() + d * workspace.stride(0) : nullptr;
-      p.step_scratch = step_scratch.mutable_data_ptr<T>() + d * step_scratch.stride(0);
-      p.hg = hg.mutable_data_ptr<T>() + d * hg.stride(0);
+      p.h_n = at_d(h_n);
+      p.c_state = has_state ? at_d(c_n) : nullptr;
+      p.workspace = need_workspace ? at_d(workspace) : nullptr;
+      p.step_scratch = at_d(step_scratch);
+      p.hg = at_d(hg);
       cells::visit(s.cell, [&](auto cell) { forward_direction<decltype(cell), T>(p); });
     });
   });
@@ -119,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
-    const Tensor& workspace_arg, const optional<Tensor>& grad_output_arg,
+    const Tensor& workspace_arg, const optional<Tensor>& grad_output,
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
     bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask) {
   const char* op = "rnnext.layer_backward";
@@ -128,8 +146,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const bool has_state = s.cell == CellKind::kLstm;
   check_like_input(op, "output", output, input_arg, {s.T, s.B, s.D * s.P});
   check_like_input(op, "workspace", workspace_arg, input_arg, {s.D, s.T, s.B, s.ws_row});
-  if (grad_output_arg.has_value()) {
-    check_like_input(op, "grad_output", *grad_output_arg, input_arg, {s.T, s.B, s.D * s.P});
+  if (grad_output.has_value()) {
+    check_like_input(op, "grad_output", *grad_output, input_arg, {s.T, s.B, s.D * s.P});
   }
   if (grad_h_n.has_value()) {
     check_like_input(op, "grad_h_n", *grad_h_n, input_arg, {s.D, s.B, s.P});
@@ -144,90 +162,92 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor input = input_arg.contiguous();
   const Tensor out = output.contiguous();
   const Tensor workspace = workspace_arg.contiguous();
-  const Tensor grad_output = grad_output_arg.has_value() ? grad_output_arg->contiguous() : Tensor();
   const auto opts = input.options();
-  const int64_t GH = s.G * s.H;
-  const Tensor x2d = input.view({s.T * s.B, s.I});
+  const int64_t GH = s.G * s.H, steps = block_steps(s);
   const bool separate_dgh =
       cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
 
-  Tensor grad_input = at::empty({0}, opts);
-  Tensor grad_hx = at::empty({need_state ? s.D : 0, s.B, s.P}, opts);
-  Tensor grad_cx = at::empty({need_state && has_state ? s.D : 0, s.B, s.H}, opts);
-  if (!need_state) grad_hx = at::empty({0}, opts);
-  if (!(need_state && has_state)) grad_cx = at::empty({0}, opts);
-  std::vector<Tensor> grad_weights;
-  // per-direction buffers, [D, ...], so that the directions can run concurrently
-  const Tensor dgx_all = at::empty({s.D, s.T, s.B, GH}, opts);
-  const Tensor dgh_all = separate_dgh ? at::empty({s.D, s.T, s.B, GH}, opts) : dgx_all;
+  // Gradients, per direction ([D, ...]) where the directions, running concurrently, would
+  // otherwise add into the same memory.
+  const Tensor grad_x = need_input ? at::zeros({s.D, s.T, s.B, s.I}, opts) : Tensor();
+  std::vector<std::vector<Tensor>> grad_w(s.D);
+  if (need_weights) {
+    for (int64_t d = 0; d < s.D; ++d) {
+      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh})
+        grad_w[d].push_back(at::zeros_like(w));
+      if (has_biases) {
+        grad_w[d].push_back(at::zeros({GH}, opts));
+        grad_w[d].push_back(at::zeros({GH}, opts));
+      }
+      if (s.has_proj) grad_w[d].push_back(at::zeros_like(s.dirs[d].w_hr));
+    }
+  }
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
-  const Tensor grad_h = s.has_proj ? at::empty({s.D, s.T, s.B, s.P}, opts) : Tensor();
-  const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, opts) : Tensor();
   const Tensor dh = grad_h_n.has_value() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
                                          : at::zeros({s.D, s.B, s.P}, opts);
   const Tensor dc = !has_state             ? Tensor()
                     : grad_c_n.has_value() ? grad_c_n->clone(at::MemoryFormat::Contiguous)
                                            : at::zeros({s.D, s.B, s.H}, opts);
+  // scratch for one block of steps per direction
+  const Tensor dgx = at::empty({s.D, steps, s.B, GH}, opts);
+  const Tensor dgh = separate_dgh ? at::empty({s.D, steps, s.B, GH}, opts) : dgx;
+  const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
+  const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, opts) : Tensor();
+  const Tensor go_rows = at::empty({s.D, s.B, s.P}, opts);
   std::vector<DirectionInputs> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_backward_cpu", [&] {
     using T = scalar_t;
     for_each_direction(s.D, [&](int64_t d) {
-      BackwardParams<T> p;
-      fill_dims(p, s, d, inputs[d]);
       auto at_d = [d](const Tensor& t) -> T* {
         return t.defined() ? t.mutable_data_ptr<T>() + d * t.stride(0) : nullptr;
       };
+      auto grad = [&](size_t k) -> T* {
+        return k < grad_w[d].size() ? grad_w[d][k].template mutable_data_ptr<T>() : nullptr;
+      };
+      BackwardParams<T> p;
+      fill_dims(p, s, input, d, inputs[d]);
       p.output = out.const_data_ptr<T>() + d * s.P;
       p.workspace = workspace.const_data_ptr<T>() + d * workspace.stride(0);
-      p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<T>() + d * s.P : nullptr;
-      p.dgx = at_d(dgx_all);
-      p.dgh = at_d(dgh_all);
+      p.grad_output = nullptr;
+      if (grad_output.has_value()) {
+        // any strides: an expanded gradient (of output.sum(), say) is never materialised
+        p.grad_output = grad_output->const_data_ptr<T>() + d * s.P * grad_output->stride(2);
+        p.go_stride_t = grad_output->stride(0);
+        p.go_stride_b = grad_output->stride(1);
+        p.go_stride_j = grad_output->stride(2);
+      }
+      p.grad_x = at_d(grad_x);
+      p.grad_w_ih = grad(0);
+      p.grad_w_hh = grad(1);
+      p.grad_b_ih = has_biases ? grad(2) : nullptr;
+      p.grad_b_hh = has_biases ? grad(3) : nullptr;
+      p.grad_w_hr = s.has_proj ? grad(has_biases ? 4 : 2) : nullptr;
       p.dgh_first = at_d(dgh_first);
-      p.grad_h = at_d(grad_h);
-      p.dm = at_d(dm);
       p.dh = at_d(dh);
       p.dc = at_d(dc);
+      p.dgx = at_d(dgx);
+      p.dgh = at_d(dgh);
+      p.grad_h = at_d(grad_h);
+      p.dm = at_d(dm);
+      p.go_rows = at_d(go_rows);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });
 
-  for (int64_t d = 0; d < s.D; ++d) {
-    const DirectionWeights& w = s.dirs[d];
-    const Tensor dgx = dgx_all[d];
-    const Tensor dgh = dgh_all[d];
-    const Tensor dgx2d = dgx.view({s.T * s.B, GH});
-    const Tensor dgh2d = dgh.view({s.T * s.B, GH});
-    if (need_input) {
-      grad_input = d == 0 ? at::mm(dgx2d, w.w_ih) : grad_input.addmm_(dgx2d, w.w_ih);
-    }
-    if (need_state) {
-      grad_hx[d].copy_(dh[d]);
-      if (has_state) grad_cx[d].copy_(dc[d]);
-    }
-    if (need_weights) {
-      // Step t's hidden-side gradient pairs with the state it consumed: the previous step's
-      // output in this direction's order (zero past a row's end), or h0 at the row's first step.
-      const Tensor states = out.narrow(2, d * s.P, s.P);
-      const Tensor dgh_rest = dgh.narrow(0, d == 0 ? 1 : 0, s.T - 1).reshape({-1, GH});
-      const Tensor h_rest = states.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({-1, s.P});
-      Tensor grad_w_hh = at::mm(dgh_rest.t(), h_rest);
-      if (hx.has_value()) grad_w_hh.addmm_(dgh_first[d].t(), inputs[d].h0);
-      grad_weights.push_back(at::mm(dgx2d.t(), x2d));
-      grad_weights.push_back(grad_w_hh);
-      if (has_biases) {
-        grad_weights.push_back(dgx2d.sum(0));
-        grad_weights.push_back(dgh2d.sum(0));
-      }
-      if (s.has_proj) {
-        // dW_hr = sum over steps of dh'^T m, m being the last H of each workspace row
-        const Tensor m = workspace[d].narrow(2, s.S * s.H, s.H).reshape({-1, s.H});
-        grad_weights.push_back(at::mm(grad_h[d].view({-1, s.P}).t(), m));
-      }
-    }
+  std::vector<Tensor> grad_weights;
+  for (int64_t d = 0; d < s.D && need_weights; ++d) {
+    // the h0 term of dW_hh: each row's first step consumed h0
+    if (hx.has_value()) grad_w[d][1].addmm_(dgh_first[d].t(), inputs[d].h0);
+    for (Tensor& g : grad_w[d]) grad_weights.push_back(g);
   }
-  if (need_input) grad_input = grad_input.view({s.T, s.B, s.I});
+  // (unwanted gradients are distinct empty tensors: outputs must not alias each other)
+  const Tensor grad_input = !need_input ? at::empty({0}, opts)
+                            : s.D == 1  ? grad_x[0]
+                                        : grad_x.sum(0);
+  const Tensor grad_hx = need_state ? dh : at::empty({0}, opts);
+  const Tensor grad_cx = need_state && has_state ? dc : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_weights};
 }
 

@@ -33,16 +33,20 @@ inline int64_t pointwise_grain(int64_t row_elems) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems));
 }
 
-// What both passes share. T steps, B rows, H hidden units, P state size (H, or the projection
-// size of an LSTM with w_hr), G gates. Per step and row the workspace holds a row of `ws_row`
-// elements: the cell's saved values, then (with a projection) the cell output m before w_hr.
+// What both passes share. T steps, B rows, I inputs, H hidden units, P state size (H, or the
+// projection size of an LSTM with w_hr), G gates. Per step and row the workspace holds a row
+// of `ws_row` elements: the cell's saved values, then (with a projection) the cell output m
+// before w_hr. The large input-side GEMMs run over blocks of `block_steps` steps at a time,
+// so their buffers stay bounded however long the sequence is.
 template <typename T>
 struct LayerDims {
-  int64_t steps, batch, hidden, out, gates, ws_row, ldo;
+  int64_t steps, batch, inputs, hidden, out, gates, ws_row, ldo, block_steps;
   int64_t m_offset;            // where m sits in a workspace row (with a projection)
   bool reverse;                // this direction runs from the last step to the first
   const int64_t* batch_sizes;  // [T] non-increasing active row counts
   const int64_t* lengths;      // [B] per-row lengths, non-increasing
+  const T* x;                  // [T, B, I] the layer's input
+  const T* w_ih;               // [G*H, I]
   const T* w_hh;               // [G*H, P]
   const T* w_hr;               // [P, H], or null without a projection
   const T* h0;                 // [B, P]
@@ -57,12 +61,36 @@ struct LayerDims {
     return t == 0 ? 0 : batch_sizes[t];
   }
   int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  // The block of steps that step s (in this direction's order) belongs to, as the time range
+  // [first, first + count).
+  void block_of(int64_t s, int64_t& first, int64_t& count) const {
+    const int64_t s0 = s - s % block_steps;
+    count = std::min(block_steps, steps - s0);
+    first = reverse ? steps - s0 - count : s0;
+  }
 };
+
+// Adds bias [N] to every row of rows [M, N] (row stride ld), or, with bias null, nothing.
+template <typename T>
+void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
+  for (int64_t r = 0; r < M; ++r) {
+    T* row = rows + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) row[j] += bias[j];
+  }
+}
+
+// sums[N] += the column sums of rows [M, N] (row stride ld).
+template <typename T>
+void add_column_sums(T* sums, const T* rows, int64_t M, int64_t N, int64_t ld) {
+  for (int64_t r = 0; r < M; ++r) add_rows(sums, 1, N, N, rows + r * ld);
+}
 
 template <typename T>
 struct ForwardParams : LayerDims<T> {
-  const T* xg;      // [T, B, G*H] input projection, b_ih included
+  const T* b_ih;    // [G*H] (zeros without biases)
   const T* b_hh;    // [G*H] (zeros without biases)
+  T* xg;            // [block_steps, B, G*H] scratch: the input projection of one block
   T* output;        // [T, B, ldo], this direction's P columns
   T* h_n;           // [B, P]
   T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
@@ -73,12 +101,12 @@ struct ForwardParams : LayerDims<T> {
 
 // One step's fused pointwise forward over rows [b0, b1): gates, new state, saved values.
 template <typename Cell, typename T>
-RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, int64_t t, int64_t n_cont,
+RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, int64_t n_cont,
                                     const T* h_cont, T* cell_out, int64_t ld_cell_out, T* ws_t,
                                     int64_t b0, int64_t b1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
-    const T* xg = p.xg + (t * p.batch + b) * GH;
+    const T* xg = xg_t + b * GH;
     const T* hg = p.hg + b * GH;
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
     T* c = Cell::kHasCellState ? p.c_state + b * H : nullptr;  // updated in place
@@ -91,9 +119,18 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, int64_t t, int64_
 
 template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
-  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
+  const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
+  int64_t block_first = 0, block_count = 0;
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
+    if (s % p.block_steps == 0) {
+      // xg = x W_ih^T + b_ih for the block's steps
+      p.block_of(s, block_first, block_count);
+      gemm<T>(false, true, block_count * B, GH, p.inputs, T(1), p.x + block_first * B * p.inputs,
+              p.inputs, p.w_ih, p.inputs, T(0), p.xg, GH);
+      add_rows(p.xg, block_count * B, GH, GH, p.b_ih);
+    }
+    const T* xg_t = p.xg + (t - block_first) * B * GH;
     const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
     T* h_out = p.output + t * p.batch * p.ldo;
     T* ws_t = p.workspace != nullptr ? p.workspace + t * p.batch * p.ws_row : p.step_scratch;
@@ -105,7 +142,7 @@ void forward_direction(const ForwardParams<T>& p) {
     gemm<T>(false, true, n - n_cont, GH, P, T(1), p.h0 + n_cont * P, P, p.w_hh, P, T(0),
             p.hg + n_cont * GH, GH);
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      forward_rows<Cell, T>(p, t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
+      forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
     });
     if (p.projected()) {
       gemm<T>(false, true, n, P, H, T(1), cell_out, ld_cell_out, p.w_hr, H, T(0), h_out, p.ldo);
@@ -125,23 +162,34 @@ template <typename T>
 struct BackwardParams : LayerDims<T> {
   const T* output;       // [T, B, ldo], this direction's P columns
   const T* workspace;    // [T, B, ws_row] what forward saved
-  const T* grad_output;  // [T, B, ldo], or null for a zero gradient
-  T* dgx;                // [T, B, G*H] out: input-side pre-activation gradients
-  T* dgh;                // [T, B, G*H] out: hidden-side ones (may alias dgx, see the cell)
-  T* dgh_first;          // [B, G*H] out: dgh at each row's first step (pairs with h0)
-  T* grad_h;             // [T, B, P] out (with a projection): gradient w.r.t. each h'
-  T* dm;                 // [B, H] scratch (with a projection): gradient w.r.t. m
-  T* dh;                 // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
-  T* dc;                 // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
+  const T* grad_output;  // [T, B, *] with the strides below, or null for a zero gradient
+  int64_t go_stride_t, go_stride_b, go_stride_j;
+  // Gradients, each null when not wanted. grad_x is written (one direction) or added to (its
+  // rows must start zeroed); the weight gradients are added to and must start zeroed.
+  T* grad_x;     // [T, B, I]
+  T* grad_w_ih;  // [G*H, I]
+  T* grad_w_hh;  // [G*H, P], all but the h0 term (see dgh_first)
+  T* grad_b_ih;  // [G*H]
+  T* grad_b_hh;  // [G*H]
+  T* grad_w_hr;  // [P, H] (with a projection)
+  T* dgh_first;  // [B, G*H] out: dgh at each row's first step (pairs with h0)
+  T* dh;         // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
+  T* dc;         // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
+  // Scratch, one block of steps each.
+  T* dgx;      // [block_steps, B, G*H] input-side pre-activation gradients
+  T* dgh;      // [block_steps, B, G*H] hidden-side ones (may alias dgx)
+  T* grad_h;   // [block_steps, B, P] (with a projection): gradient w.r.t. h'
+  T* dm;       // [B, H] (with a projection): gradient w.r.t. m
+  T* go_rows;  // [B, P]: a step's output gradient when its rows are strided
 };
 
 // One step's fused pointwise backward over rows [b0, b1): gate gradients, the direct part of
-// dh_prev (written over dh in place) and dc (in place).
+// dh_prev (written over dh in place) and dc (in place). go_t rows have stride ld_go.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
                                      const T* h_cont, const T* ws_t, const T* ws_prev,
-                                     const T* go_t, const T* dcell, int64_t ld_dcell, int64_t b0,
-                                     int64_t b1) {
+                                     const T* go_t, int64_t ld_go, const T* dcell, int64_t ld_dcell,
+                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
@@ -152,13 +200,13 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
       c_prev = b < n_cont ? ws_prev + b * p.ws_row + Cell::kStateInSaved * H : p.c0 + b * H;
     }
     T* dc = Cell::kHasCellState ? p.dc + b * H : nullptr;
-    T* dgx = p.dgx + (t * p.batch + b) * GH;
-    T* dgh = p.dgh + (t * p.batch + b) * GH;
+    T* dgx = dgx_t + b * GH;
+    T* dgh = dgh_t + b * GH;
     T* dh = p.dh + b * P;
     const T* dout = dcell + b * ld_dcell;
     // the output gradient's presence is decided outside the vectorised loop
     auto run = [&](auto with_go) {
-      const T* go = with_go ? go_t + b * p.ldo : nullptr;
+      const T* go = with_go ? go_t + b * ld_go : nullptr;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
         const T g = with_go ? dout[j] + go[j] : dout[j];
@@ -173,42 +221,99 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
   }
 }
 
+// The input and weight gradients of the steps [first, first + count), from their gate
+// gradients: large GEMMs over all their rows at once.
+template <typename T>
+void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t count) {
+  const int64_t B = p.batch, I = p.inputs, P = p.out, GH = p.gates * p.hidden;
+  const int64_t rows = count * B;
+  if (p.grad_x != nullptr) {
+    gemm<T>(false, false, rows, I, GH, T(1), p.dgx, GH, p.w_ih, I, T(1), p.grad_x + first * B * I,
+            I);
+  }
+  if (p.grad_w_ih == nullptr) return;
+  gemm<T>(true, false, GH, I, rows, T(1), p.dgx, GH, p.x + first * B * I, I, T(1), p.grad_w_ih, I);
+  // Step t's hidden-side gradient pairs with the state it consumed: the previous step's output
+  // in this direction's order (zero past a row's end); h0 at a row's first step is left to the
+  // caller through dgh_first. Those first steps are t = 0 (forward) and t = T - 1 (reverse).
+  const int64_t skip_first = (!p.reverse && first == 0) ? 1 : 0;
+  const int64_t skip_last = (p.reverse && first + count == p.steps) ? 1 : 0;
+  const int64_t paired = count - skip_first - skip_last;
+  const int64_t t0 = first + skip_first;
+  gemm<T>(true, false, GH, P, paired * B, T(1), p.dgh + skip_first * B * GH, GH,
+          p.output + p.previous(t0) * B * p.ldo, p.ldo, T(1), p.grad_w_hh, P);
+  if (p.grad_b_ih != nullptr) {
+    add_column_sums(p.grad_b_ih, p.dgx, rows, GH, GH);
+    add_column_sums(p.grad_b_hh, p.dgh, rows, GH, GH);
+  }
+  if (p.projected()) {
+    // dW_hr += dh'^T m, m being the last H of each workspace row
+    gemm<T>(true, false, P, p.hidden, rows, T(1), p.grad_h, P,
+            p.workspace + first * B * p.ws_row + p.m_offset, p.ws_row, T(1), p.grad_w_hr, p.hidden);
+  }
+}
+
 template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
-  const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
-  std::fill_n(p.dgh_first, p.batch * GH, T(0));
+  const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
+  std::fill_n(p.dgh_first, B * GH, T(0));
+  int64_t block_first = 0, block_count = 0;
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
-    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
-    const T* ws_t = p.workspace + t * p.batch * p.ws_row;
-    const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * p.batch * p.ws_row : nullptr;
-    const T* go_t = p.grad_output != nullptr ? p.grad_output + t * p.batch * p.ldo : nullptr;
-    T* dgx_t = p.dgx + t * p.batch * GH;
-    T* dgh_t = p.dgh + t * p.batch * GH;
+    if (s == p.steps - 1 || s % p.block_steps == p.block_steps - 1) {
+      p.block_of(s, block_first, block_count);
+    }
+    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
+    const T* ws_t = p.workspace + t * B * p.ws_row;
+    const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * B * p.ws_row : nullptr;
+    T* dgx_t = p.dgx + (t - block_first) * B * GH;
+    T* dgh_t = p.dgh + (t - block_first) * B * GH;
 
+    // this step's output gradient, as rows of unit stride
+    const T* go_t = nullptr;
+    int64_t ld_go = 0;
+    if (p.grad_output != nullptr) {
+      const T* base = p.grad_output + t * p.go_stride_t;
+      if (p.go_stride_j == 1) {
+        go_t = base;
+        ld_go = p.go_stride_b;
+      } else {
+        for (int64_t b = 0; b < n; ++b) {
+          for (int64_t j = 0; j < P; ++j) {
+            p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
+          }
+        }
+        go_t = p.go_rows;
+        ld_go = P;
+      }
+    }
     // The cell's output gradient: dh' itself, or through the projection dm = dh' @ w_hr.
     const T* dcell = p.dh;
     int64_t ld_dcell = P;
     if (p.projected()) {
-      T* grad_h_t = p.grad_h + t * p.batch * P;
-      for (int64_t i = 0; i < n * P; ++i) {
-        grad_h_t[i] = p.dh[i] + (go_t != nullptr ? go_t[(i / P) * p.ldo + i % P] : T(0));
+      T* grad_h_t = p.grad_h + (t - block_first) * B * P;
+      for (int64_t b = 0; b < n; ++b) {
+        for (int64_t j = 0; j < P; ++j) {
+          grad_h_t[b * P + j] = p.dh[b * P + j] + (go_t != nullptr ? go_t[b * ld_go + j] : T(0));
+        }
       }
-      std::fill(grad_h_t + n * P, grad_h_t + p.batch * P, T(0));
+      std::fill(grad_h_t + n * P, grad_h_t + B * P, T(0));
       gemm<T>(false, false, n, H, P, T(1), grad_h_t, P, p.w_hr, H, T(0), p.dm, H);
       dcell = p.dm;
       ld_dcell = H;
       go_t = nullptr;
     }
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, dcell, ld_dcell, b0, b1);
+      backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
+                             dgx_t, dgh_t, b0, b1);
     });
-    std::fill(dgx_t + n * GH, dgx_t + p.batch * GH, T(0));
-    if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + p.batch * GH, T(0));
+    std::fill(dgx_t + n * GH, dgx_t + B * GH, T(0));
+    if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + B * GH, T(0));
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
     gemm<T>(false, false, n, P, GH, T(1), dgh_t, GH, p.w_hh, P,
             Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
+    if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count);
   }
 }
 

@@ -1,0 +1,172 @@
+"""Variable-length and very long sequences: rnnext against torch.nn.
+
+Two measurements, each in its own section of the output and of the JSON file:
+
+* lengths: forward+backward on a padded batch with per-sequence lengths (T=200, B=32,
+  I=H=256, lengths uniform in [50, 200] by default). torch.nn runs a PackedSequence (and, for
+  scale, the padded batch without lengths); rnnext runs ``lengths=`` and the same
+  PackedSequence. Same weights and inputs, interleaved, best of --repeats.
+* memory: peak resident memory (ru_maxrss) and time of one forward+backward of
+  ``output.sum()`` at (T=100000, B=8, I=H=256), each configuration in a fresh process:
+  rnnext by default and with ``checkpoint_every``, and torch.nn with --with-torch-memory (it
+  needs about 14 GB and takes minutes).
+
+    python benchmarks/sequences.py [--quick] [--with-torch-memory] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnext
+
+
+def best_of(fns: dict, repeats: int) -> dict:
+    """Interleaved timing of each callable; the best time of each, in ms."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - start)
+    return {name: t * 1e3 for name, t in times.items()}
+
+
+def lengths_case(cell: str, T: int, B: int, H: int, low: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cell)(H, H)
+    ours = getattr(rnnext, cell)(H, H)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, H, requires_grad=True)
+    lengths = torch.randint(low, T + 1, (B,), generator=torch.Generator().manual_seed(1))
+
+    def run(module, inp, **kwargs):
+        def step():
+            output, _ = module(inp, **kwargs)
+            data = output.data if hasattr(output, "batch_sizes") else output
+            data.sum().backward()
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        return step
+
+    # packing is part of the packed path's cost, so it is rebuilt inside the timed step
+    times = best_of(
+        {
+            "torch_packed": lambda: run(
+                theirs, pack_padded_sequence(x, lengths, enforce_sorted=False)
+            )(),
+            "torch_padded": run(theirs, x),
+            "rnnext_lengths": run(ours, x, lengths=lengths),
+            "rnnext_packed": lambda: run(
+                ours, pack_padded_sequence(x, lengths, enforce_sorted=False)
+            )(),
+        },
+        repeats,
+    )
+    return {
+        "cell": cell,
+        "T": T,
+        "B": B,
+        "H": H,
+        "lengths": f"uniform in [{low}, {T}]",
+        **{f"{k}_ms": round(v, 2) for k, v in times.items()},
+        "ratio_packed_over_lengths": round(times["torch_packed"] / times["rnnext_lengths"], 2),
+    }
+
+
+def memory_child(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> None:
+    """Runs in a fresh process: one forward+backward, then prints peak RSS and time as JSON."""
+    torch.manual_seed(0)
+    lib = torch.nn if impl == "torch.nn" else rnnext
+    kwargs = {} if impl == "torch.nn" else {"checkpoint_every": every}
+    module = getattr(lib, cell)(H, H, **kwargs)
+    x = torch.randn(T, B, H, requires_grad=True)
+    start = time.perf_counter()
+    output, _ = module(x)
+    output.sum().backward()
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_gb": peak_kib * 1024 / 1e9, "seconds": seconds}))
+
+
+def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", cell, impl, str(T), str(B), str(H)]
+    cmd += [str(every or 0)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
+    return {"cell": cell, "impl": impl, "mode": mode, "T": T, "B": B, "H": H, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-steps", type=int, default=100_000)
+    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument("--with-torch-memory", action="store_true")
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        cell, impl, T, B, H, every = args.memory_child
+        memory_child(cell, impl, int(T), int(B), int(H), int(every) or None)
+        return
+
+    T, B, H, low = (40, 8, 32, 10) if args.quick else (200, 32, 256, 50)
+    mem_T = 2000 if args.quick else args.memory_steps
+    repeats = 2 if args.quick else args.repeats
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "lengths": [],
+        "memory": [],
+    }
+    print(f"forward+backward with per-sequence lengths (best of {repeats}, ms)")
+    for cell in ("GRU", "LSTM"):
+        row = lengths_case(cell, T, B, H, low, repeats)
+        report["lengths"].append(row)
+        print(
+            f"  {cell:4}  torch.nn packed {row['torch_packed_ms']:8.1f}  "
+            f"padded {row['torch_padded_ms']:8.1f} | rnnext lengths "
+            f"{row['rnnext_lengths_ms']:8.1f}  packed {row['rnnext_packed_ms']:8.1f}  "
+            f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
+        )
+    print(f"peak memory and time of forward+backward at T={mem_T}, B=8, I=H=256")
+    for cell in ("LSTM", "GRU"):
+        impls = [("rnnext", None), ("rnnext", args.checkpoint_every)]
+        if args.with_torch_memory:
+            impls.insert(0, ("torch.nn", None))
+        for impl, every in impls:
+            row = memory_case(cell, impl, mem_T, 8, 256, every)
+            report["memory"].append(row)
+            print(
+                f"  {cell:4}  {impl:8} {row['mode']:22} peak {row['peak_gb']:6.2f} GB  "
+                f"time {row['seconds']:7.2f} s"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sequences.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'sequences.json'}")
+
+
+if __name__ == "__main__":
+    main()
