@@ -11,6 +11,16 @@ from . import _ops  # noqa: F401  (registers the ops and their fake kernels)
 _FIRST_TENSOR = 4
 
 
+def _refuse_double_backward() -> None:
+    # The backward op has no derivative of its own; a graph built through it would silently
+    # give zero second derivatives, so create_graph=True is refused instead.
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "rnnext: backward with create_graph=True (double backward) through an rnnext "
+            "layer is not supported"
+        )
+
+
 class LayerFunction(torch.autograd.Function):
     """One recurrent layer.
 
@@ -37,6 +47,7 @@ class LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        _refuse_double_backward()
         lengths, input, hx, cx, out, workspace, *weights = ctx.saved_tensors
         need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
         grad_input, grad_hx, grad_cx, grad_weights = torch.ops.rnnext.layer_backward(
@@ -117,6 +128,7 @@ class CheckpointedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+        _refuse_double_backward()
         lengths, input, hx, cx, *rest = ctx.saved_tensors
         weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
         is_lstm = ctx.mode == "LSTM"

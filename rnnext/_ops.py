@@ -51,7 +51,14 @@ def _layer_sizes(
             f"{op}: input must be 3-D [T, B, I] (time-major), got {input.dim()}-D "
             f"with shape {list(input.shape)}"
         )
+    if input.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: input must be float32 or float64, got {input.dtype}")
     T, B, I = input.shape
+    if T == 0:
+        raise ValueError(f"{op}: input must have at least one time step, got shape {[T, B, I]}")
+    if len(weights) == 0 or weights[0].dim() != 2 or weights[0].shape[0] == 0:
+        got = list(weights[0].shape) if len(weights) else "no weights"
+        raise ValueError(f"{op}: weights[0] (w_ih) must be 2-D [G*H, I] with H > 0, got {got}")
     G, D = GATES[mode], 2 if bidirectional else 1
     base = 4 if has_biases else 2
     has_proj = mode == "LSTM" and len(weights) == (base + 1) * D
@@ -118,5 +125,5 @@ def _layer_backward_fake(
     grad_input = input.new_empty(input.shape if need_input else (0,))
     grad_hx = input.new_empty((D, B, P) if need_state else (0,))
     grad_cx = input.new_empty((D, B, H) if need_state and mode == "LSTM" else (0,))
-    grad_weights = [torch.empty_like(w) for w in weights] if need_weights else []
+    grad_weights = [w.new_empty(w.shape) for w in weights] if need_weights else []
     return grad_input, grad_hx, grad_cx, grad_weights

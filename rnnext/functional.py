@@ -52,6 +52,8 @@ def recurrent_layer(
         for the other modes). Differentiable with respect to every tensor argument.
     """
     order = None
+    if lengths is not None:
+        _check_lengths(lengths, input, hx, cx)
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
         order = torch.argsort(lengths, descending=True, stable=True)
@@ -87,3 +89,18 @@ def recurrent_layer(
         h_n = h_n.index_select(1, inverse)
         c_n = c_n.index_select(1, inverse) if c_n.numel() else c_n
     return output, h_n, c_n
+
+
+def _check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:
+    """Checks lengths (and the states' batch) before the batch is reordered by them."""
+    B = input.shape[1] if input.dim() == 3 else None
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+        got = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"rnnext: lengths must be 1-D of size B = {B}, got {got}")
+    if lengths.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"rnnext: lengths must be int64 or int32, got {lengths.dtype}")
+    for name, state in (("hx", hx), ("cx", cx)):
+        if state is not None and (state.dim() != 3 or state.shape[1] != B):
+            raise ValueError(
+                f"rnnext: {name} must be [D, B = {B}, size], got shape {list(state.shape)}"
+            )

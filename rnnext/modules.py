@@ -88,7 +88,7 @@ class _FusedRNNBase(nn.RNNBase):
         if not batched:
             input = input.unsqueeze(batch_dim)
             states = [s.unsqueeze(1) if s is not None else None for s in states]
-            lengths = lengths.reshape(1) if lengths is not None else None
+            lengths = torch.as_tensor(lengths).reshape(1) if lengths is not None else None
         if hx is None:
             self.check_input(input, None)
         else:

@@ -161,3 +161,24 @@ def test_op_projection_weight_shape():
     w[1] = torch.randn(20, 3)
     with raises(ValueError, "weights[4] (w_hr) must have shape [3, 5]", "got [3, 4]"):
         op("LSTM", x, w, None, None, True, False, None, False)
+
+
+def test_functional_lengths_checked_before_reordering():
+    x, w = args()
+    for lengths, exc, parts in [
+        (torch.tensor([3]), ValueError, ("lengths must be 1-D of size B = 2", "got [1]")),
+        (torch.tensor([[3, 1]]), ValueError, ("lengths must be 1-D of size B = 2", "[1, 2]")),
+        (torch.tensor([3.0, 1.0]), TypeError, ("lengths must be int64 or int32", "float32")),
+    ]:
+        with raises(exc, *parts):
+            functional.recurrent_layer("GRU", x, w, lengths=lengths)
+    with raises(ValueError, "hx must be [D, B = 2, size]", "got shape [1, 3, 5]"):
+        functional.recurrent_layer("GRU", x, w, torch.zeros(1, 3, 5), lengths=torch.tensor([4, 2]))
+
+
+def test_unbatched_input_takes_a_list_of_lengths():
+    gru = make_module("GRU", 3, 4, nn=False)
+    x = torch.randn(5, 3)
+    out, h = gru(x, lengths=[3])
+    torch.testing.assert_close(out[:3], gru(x[:3])[0])
+    assert out[3:].abs().sum() == 0 and h.shape == (1, 4)

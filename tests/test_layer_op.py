@@ -165,3 +165,25 @@ def test_zero_batch(mode, device):
     out.sum().backward()
     assert x.grad.shape == x.shape
     assert all(w.grad is not None and w.grad.abs().sum() == 0 for w in weights)
+
+
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 2)], ids=str)
+def test_transposed_weights(mode, proj):
+    """Weights that are views with other strides get correct, contiguous gradients."""
+    torch.manual_seed(5)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    weights = [
+        w.detach().t().contiguous().t().requires_grad_() if w.dim() == 2 else w
+        for w in layer_weights(mode, 4, 6, proj=proj)
+    ]
+    assert not weights[0].is_contiguous()
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, None, None, True, False)
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_double_backward_raises():
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    out = functional.recurrent_layer("GRU", x, layer_weights("GRU", 3, 4))[0]
+    with pytest.raises(NotImplementedError, match="create_graph=True .* is not supported"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)

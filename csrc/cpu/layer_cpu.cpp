@@ -154,7 +154,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   }
   if (grad_c_n.has_value()) {
     TORCH_CHECK_VALUE(has_state, op, ": grad_c_n must be None for mode '",
-                      std::string(mode.data(), mode.size()), "'");
+                      std::string(mode.data(), mode.size()), "', got a tensor of shape ",
+                      grad_c_n->sizes());
     check_like_input(op, "grad_c_n", *grad_c_n, input_arg, {s.D, s.B, s.H});
   }
   const auto [need_input, need_state, need_weights] = output_mask;
@@ -173,13 +174,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   std::vector<std::vector<Tensor>> grad_w(s.D);
   if (need_weights) {
     for (int64_t d = 0; d < s.D; ++d) {
-      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh})
-        grad_w[d].push_back(at::zeros_like(w));
+      // contiguous whatever the weight's strides: the kernels write them row-major
+      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh}) {
+        grad_w[d].push_back(at::zeros(w.sizes(), opts));
+      }
       if (has_biases) {
         grad_w[d].push_back(at::zeros({GH}, opts));
         grad_w[d].push_back(at::zeros({GH}, opts));
       }
-      if (s.has_proj) grad_w[d].push_back(at::zeros_like(s.dirs[d].w_hr));
+      if (s.has_proj) grad_w[d].push_back(at::zeros(s.dirs[d].w_hr.sizes(), opts));
     }
   }
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
