@@ -156,6 +156,23 @@ def test_float32_matches_reference(mode, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 11)], ids=str)
+@pytest.mark.parametrize("batch", [1, 7, 13, 16, 17], ids=lambda b: f"B{b}")
+def test_float32_small_batches(mode, proj, batch, device):
+    """float32 batches up to 16 rows run the per-step GEMMs on packed weights (tiles of 32
+    columns, blocks of 8 rows): odd sizes with partial tiles, both directions, lengths."""
+    torch.manual_seed(6)
+    T, I, H = 6, 20, 37
+    x = torch.randn(T, batch, I, device=device, requires_grad=True)
+    weights = layer_weights(mode, I, H, directions=2, proj=proj, dtype=torch.float32, device=device)
+    lengths = torch.randint(0, T + 1, (batch,))
+    (ours, our_grads), (ref, ref_grads) = run_both(
+        mode, x, weights, None, None, True, True, lengths
+    )
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_batch(mode, device):
     x = torch.randn(3, 0, 4, dtype=torch.float64, device=device, requires_grad=True)

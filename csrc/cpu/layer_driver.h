@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "blas.h"
+#include "packed_gemm.h"
 
 namespace rnnext {
 namespace cpu {
@@ -47,10 +48,12 @@ struct LayerDims {
   const int64_t* lengths;      // [B] per-row lengths, non-increasing
   const T* x;                  // [T, B, I] the layer's input
   const T* w_ih;               // [G*H, I]
-  const T* w_hh;               // [G*H, P]
   const T* w_hr;               // [P, H], or null without a projection
-  const T* h0;                 // [B, P]
-  const T* c0;                 // [B, H] (cells with a cell state)
+  // the right-hand operands of the per-step GEMMs: forward h @ w_hh^T and m @ w_hr^T,
+  // backward dgh @ w_hh and dh' @ w_hr (only the pass's own pair is set)
+  RightOperand<T> hh, hr;
+  const T* h0;  // [B, P]
+  const T* c0;  // [B, H] (cells with a cell state)
 
   bool projected() const { return w_hr != nullptr; }
   int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
@@ -138,14 +141,13 @@ void forward_direction(const ForwardParams<T>& p) {
     T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
     const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
 
-    gemm<T>(false, true, n_cont, GH, P, T(1), h_cont, p.ldo, p.w_hh, P, T(0), p.hg, GH);
-    gemm<T>(false, true, n - n_cont, GH, P, T(1), p.h0 + n_cont * P, P, p.w_hh, P, T(0),
-            p.hg + n_cont * GH, GH);
+    step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, T(0), p.hg, GH);
+    step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, T(0), p.hg + n_cont * GH, GH);
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
     });
     if (p.projected()) {
-      gemm<T>(false, true, n, P, H, T(1), cell_out, ld_cell_out, p.w_hr, H, T(0), h_out, p.ldo);
+      step_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
     }
     for (int64_t b = n; b < p.batch; ++b) std::fill_n(h_out + b * p.ldo, P, T(0));
     if (p.workspace != nullptr) std::fill(ws_t + n * p.ws_row, ws_t + p.batch * p.ws_row, T(0));
@@ -298,7 +300,7 @@ void backward_direction(const BackwardParams<T>& p) {
         }
       }
       std::fill(grad_h_t + n * P, grad_h_t + B * P, T(0));
-      gemm<T>(false, false, n, H, P, T(1), grad_h_t, P, p.w_hr, H, T(0), p.dm, H);
+      step_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
       dcell = p.dm;
       ld_dcell = H;
       go_t = nullptr;
@@ -311,8 +313,7 @@ void backward_direction(const BackwardParams<T>& p) {
     if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + B * GH, T(0));
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-    gemm<T>(false, false, n, P, GH, T(1), dgh_t, GH, p.w_hh, P,
-            Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
+    step_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
     if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count);
   }
 }
