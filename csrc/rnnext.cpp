@@ -4,14 +4,18 @@
 // One call runs one layer over all time steps, for one or both directions:
 //   mode     "RNN_TANH" | "RNN_RELU" | "GRU" | "LSTM" (torch.nn's names)
 //   input    [T, B, I] time-major, float32 or float64
-//   weights  per direction w_ih [G*H, I], w_hh [G*H, H] and, when has_biases, b_ih [G*H],
-//            b_hh [G*H], in torch.nn's gate order (G = 1, 3, 4 for RNN, GRU, LSTM)
-//   hx, cx   [D, B, H] initial states (zeros when None; cx for LSTM only), D = 2 if bidirectional
-//   lengths  reserved for per-sequence lengths; must be None for now
-// layer_forward returns output [T, B, D*H], h_n [D, B, H], c_n [D, B, H] (LSTM; else [0]) and
-// the workspace [D, T, B, S*H] that layer_backward needs ([0] when need_workspace is false).
-// layer_backward returns grad_input [T, B, I], grad_hx and grad_cx [D, B, H], and the weight
-// gradients in the order of `weights`; each is empty where output_mask (input, states,
+//   weights  per direction w_ih [G*H, I], w_hh [G*H, P], then b_ih [G*H], b_hh [G*H] when
+//            has_biases, then w_hr [P, H] for an LSTM projection, in torch.nn's gate order
+//            (G = 1, 3, 4 for RNN, GRU, LSTM; P = the projection size, or H without one)
+//   hx       [D, B, P], cx [D, B, H] (LSTM only) initial states, zeros when None; D = 2 if
+//            bidirectional
+//   lengths  None, or [B] int64/int32 sequence lengths in [0, T], sorted longest first, on the
+//            CPU or the input's device: row b runs steps t < lengths[b] only
+// layer_forward returns output [T, B, D*P] (zero past each row's end), h_n [D, B, P], c_n
+// [D, B, H] (LSTM; else [0]) and the workspace [D, T, B, W] that layer_backward needs (W per
+// cell, see csrc/cells; [0] when need_workspace is false).
+// layer_backward returns grad_input [T, B, I], grad_hx [D, B, P], grad_cx [D, B, H] and the
+// weight gradients in the order of `weights`; each is empty where output_mask (input, states,
 // weights) says it is not needed. A None gradient argument counts as zeros.
 #include <Python.h>
 #include <torch/library.h>

@@ -1,5 +1,6 @@
 // CPU implementations of rnnext::layer_forward and rnnext::layer_backward: argument checks,
-// buffer allocation and the large input/weight GEMMs here; the time loops in layer_driver.h.
+// buffer allocation and the packing of operands here; the time loops, with their per-step and
+// blocked input-side GEMMs, in layer_driver.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -134,10 +135,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   Tensor output = at::empty({s.T, s.B, s.D * s.P}, opts);
   Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
-  Tensor c_n = at::empty({has_state ? s.D : 0, s.B, s.H}, opts);
+  Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
   Tensor workspace =
       need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
-  if (!has_state) c_n = at::empty({0}, opts);
   // per-direction scratch, [D, ...], so that the directions can run concurrently
   const Tensor xg = at::empty({s.D, block_steps(s), s.B, s.G * s.H}, opts);
   const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, opts);
