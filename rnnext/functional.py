@@ -10,6 +10,16 @@ from ._autograd import CheckpointedLayerFunction, LayerFunction
 
 Tensor = torch.Tensor
 
+# Device types with registered kernels (meta: shapes only), fixed when the library loads.
+DEVICES_WITH_KERNELS = frozenset(
+    ["meta"]
+    + [
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("rnnext::layer_forward", key)
+    ]
+)
+
 
 def recurrent_layer(
     mode: str,
@@ -51,6 +61,7 @@ def recurrent_layer(
         ``output [T, B, D*P]``, ``h_n [D, B, P]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
         for the other modes). Differentiable with respect to every tensor argument.
     """
+    _check_device(input)
     order = None
     if lengths is not None:
         _check_lengths(lengths, input, hx, cx)
@@ -104,3 +115,12 @@ def _check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor
             raise ValueError(
                 f"rnnext: {name} must be [D, B = {B}, size], got shape {list(state.shape)}"
             )
+
+
+def _check_device(input: Tensor) -> None:
+    """A clear error for devices this build has no kernels for (the dispatcher's is cryptic)."""
+    if input.device.type not in DEVICES_WITH_KERNELS:
+        raise NotImplementedError(
+            f"rnnext: this build has no kernels for device {input.device.type!r} (input is on "
+            f"{input.device}); it runs on: {', '.join(sorted(DEVICES_WITH_KERNELS))}"
+        )

@@ -182,3 +182,10 @@ def test_unbatched_input_takes_a_list_of_lengths():
     out, h = gru(x, lengths=[3])
     torch.testing.assert_close(out[:3], gru(x[:3])[0])
     assert out[3:].abs().sum() == 0 and h.shape == (1, 4)
+
+
+def test_device_without_kernels(monkeypatch):
+    x, w = args()
+    monkeypatch.setattr(functional, "DEVICES_WITH_KERNELS", frozenset({"meta"}))
+    with raises(NotImplementedError, "no kernels for device 'cpu'", "it runs on: meta"):
+        functional.recurrent_layer("GRU", x, w)
