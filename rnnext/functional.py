@@ -64,7 +64,7 @@ def recurrent_layer(
     _check_device(input)
     order = None
     if lengths is not None:
-        _check_lengths(lengths, input, hx, cx)
+        check_lengths(lengths, input, hx, cx)
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
         order = torch.argsort(lengths, descending=True, stable=True)
@@ -102,8 +102,9 @@ def recurrent_layer(
     return output, h_n, c_n
 
 
-def _check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:
-    """Checks lengths (and the states' batch) before the batch is reordered by them."""
+def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:
+    """Checks lengths against a time-major input (and the states' batch size, dimension 1),
+    before the batch is reordered by them."""
     B = input.shape[1] if input.dim() == 3 else None
     if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
         got = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .functional import recurrent_layer
+from .functional import check_lengths, recurrent_layer
 
 Tensor = torch.Tensor
 
@@ -97,32 +97,22 @@ class _FusedRNNBase(nn.RNNBase):
             input = input.transpose(0, 1)
         order = None
         if lengths is not None:
-            lengths = self._check_lengths(lengths, input)
+            lengths = torch.as_tensor(lengths)
+            check_lengths(lengths, input, *states)
             # Sort the batch longest first once for all layers; the kernels need that order.
             order = torch.argsort(lengths, descending=True, stable=True)
             lengths = lengths.index_select(0, order)
-            input, states = _select_batch(input, states, order.to(input.device), batch_dim=1)
+            input, states = _select_batch(input, states, order.to(input.device))
         output, h_n, c_n = self._layers(input, states, lengths)
         if order is not None:
             inverse = torch.argsort(order).to(input.device)
-            output, (h_n, c_n) = _select_batch(output, [h_n, c_n], inverse, batch_dim=1)
+            output, (h_n, c_n) = _select_batch(output, [h_n, c_n], inverse)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
             output, h_n = output.squeeze(batch_dim), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if is_lstm else c_n
         return output, ((h_n, c_n) if is_lstm else h_n)
-
-    def _check_lengths(self, lengths: Tensor, input: Tensor) -> Tensor:
-        name = f"rnnext.{type(self).__name__}"
-        if not isinstance(lengths, Tensor):
-            lengths = torch.as_tensor(lengths)
-        if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != input.shape[1:2]:
-            raise ValueError(
-                f"{name}: lengths must be a 1-D int64 or int32 tensor with one length per "
-                f"sequence ({input.shape[1]}), got {lengths.dtype} of shape {list(lengths.shape)}"
-            )
-        return lengths
 
     def _packed_forward(self, packed: PackedSequence, states: list):
         """A PackedSequence runs as its padded, sorted batch with lengths, in the same kernels."""
@@ -137,10 +127,10 @@ class _FusedRNNBase(nn.RNNBase):
             hidden = tuple(states) if self.mode == "LSTM" else states[0]
             self.check_forward_args(data, hidden, batch_sizes)
         if sorted_indices is not None:
-            _, states = _select_batch(None, states, sorted_indices, batch_dim=1)
+            _, states = _select_batch(None, states, sorted_indices)
         output, h_n, c_n = self._layers(padded.view(T, B, -1), states, lengths)
         if unsorted_indices is not None:
-            _, (h_n, c_n) = _select_batch(None, [h_n, c_n], unsorted_indices, batch_dim=1)
+            _, (h_n, c_n) = _select_batch(None, [h_n, c_n], unsorted_indices)
         output = PackedSequence(
             output.view(T * B, -1).index_select(0, rows),
             batch_sizes,
@@ -180,9 +170,9 @@ class _FusedRNNBase(nn.RNNBase):
         return input, torch.cat(h_n), c_out
 
 
-def _select_batch(tensor: Tensor | None, states: list, index: Tensor, batch_dim: int):
-    """Reorders a tensor's batch dimension and dimension 1 of each state (None stays None)."""
-    picked = tensor.index_select(batch_dim, index) if tensor is not None else None
+def _select_batch(tensor: Tensor | None, states: list, index: Tensor):
+    """Reorders dimension 1 (the batch of time-major tensors and of states); None stays None."""
+    picked = tensor.index_select(1, index) if tensor is not None else None
     return picked, [s.index_select(1, index) if s is not None and s.numel() else s for s in states]
 
 
@@ -190,8 +180,8 @@ class RNN(_FusedRNNBase):
     r"""Elman RNN, ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``; torch.nn.RNN's API.
 
     Arguments as :class:`torch.nn.RNN`. Input ``[T, B, I]`` (``[B, T, I]`` with
-    ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[1, B, H]`` (``[1, H]`` unbatched).
-    Returns ``(output [T, B, H], h_n [1, B, H])``.
+    ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[L*D, B, H]`` (``[L*D, H]`` unbatched)
+    for L layers and D directions. Returns ``(output [T, B, D*H], h_n [L*D, B, H])``.
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
     ``checkpoint_every`` for bounded memory on long sequences (see
@@ -243,8 +233,8 @@ class GRU(_FusedRNNBase):
     r"""GRU in torch.nn's formulation; torch.nn.GRU's API.
 
     Arguments as :class:`torch.nn.GRU`. Input ``[T, B, I]`` (``[B, T, I]`` with
-    ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[1, B, H]`` (``[1, H]`` unbatched).
-    Returns ``(output [T, B, H], h_n [1, B, H])``.
+    ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[L*D, B, H]`` (``[L*D, H]`` unbatched)
+    for L layers and D directions. Returns ``(output [T, B, D*H], h_n [L*D, B, H])``.
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
     ``checkpoint_every`` for bounded memory on long sequences (see
@@ -289,8 +279,9 @@ class LSTM(_FusedRNNBase):
     r"""LSTM in torch.nn's formulation; torch.nn.LSTM's API.
 
     Arguments as :class:`torch.nn.LSTM`. Input ``[T, B, I]`` (``[B, T, I]`` with
-    ``batch_first``) or unbatched ``[T, I]``; ``hx`` a tuple ``(h_0, c_0)`` of ``[1, B, H]``
-    (``[1, H]`` unbatched). Returns ``(output [T, B, H], (h_n [1, B, H], c_n [1, B, H]))``.
+    ``batch_first``) or unbatched ``[T, I]``; ``hx`` a tuple ``(h_0 [L*D, B, P], c_0 [L*D, B,
+    H])`` for L layers and D directions, P = ``proj_size`` or H (no batch dimension
+    unbatched). Returns ``(output [T, B, D*P], (h_n [L*D, B, P], c_n [L*D, B, H]))``.
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
     ``checkpoint_every`` for bounded memory on long sequences (see

@@ -146,8 +146,10 @@ def test_op_lengths():
 def test_module_lengths():
     gru = make_module("GRU", 3, 4, nn=False)
     x = torch.randn(5, 2, 3)
-    with raises(ValueError, "lengths must be a 1-D int64 or int32 tensor", "(2)", "[3]"):
+    with raises(ValueError, "lengths must be 1-D of size B = 2", "got [3]"):
         gru(x, lengths=torch.tensor([5, 2, 1]))
+    with raises(TypeError, "lengths must be int64 or int32", "float32"):
+        gru(x, lengths=torch.tensor([5.0, 2.0]))
     with raises(ValueError, "lengths must lie in [0, T = 5]", "= 6"):
         gru(x, lengths=torch.tensor([6, 2]))
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2])
