@@ -28,13 +28,17 @@ Tensor initial_state(const optional<Tensor>& state, int64_t d, int64_t batch, in
 }
 
 // Batches up to this size run their per-step GEMMs on packed operands; above it BLAS was as
-// fast or faster in our measurements (2-core AMD EPYC, MKL), so it keeps them.
+// fast or faster in our measurements (2-core AMD EPYC, MKL), so it keeps them. Packing costs
+// about one pass over the weight, so very short sequences skip it.
 constexpr int64_t kPackedMaxBatch = 16;
+constexpr int64_t kPackedMinSteps = 4;
 
 // The packed copy of a per-step GEMM's right-hand operand (float, small batches; undefined
 // otherwise). weight is R [K, N], or R^T [N, K] when transposed; contiguous.
-Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed, int64_t batch) {
-  if (!weight.defined() || weight.scalar_type() != at::kFloat || batch > kPackedMaxBatch) {
+Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
+                    const LayerShape& s) {
+  if (!weight.defined() || weight.scalar_type() != at::kFloat || s.B > kPackedMaxBatch ||
+      s.T < kPackedMinSteps) {
     return Tensor();
   }
   Tensor packed = at::empty({K, packed_ld(N)}, weight.options());
@@ -63,9 +67,9 @@ struct DirectionInputs {
     // forward: h @ w_hh^T and m @ w_hr^T; backward: dgh @ w_hh and dh' @ w_hr
     const int64_t GH = s.G * s.H;
     hh_packed =
-        backward ? pack_operand(w_hh, GH, s.P, false, s.B) : pack_operand(w_hh, s.P, GH, true, s.B);
-    hr_packed = backward ? pack_operand(w_hr, s.P, s.H, false, s.B)
-                         : pack_operand(w_hr, s.H, s.P, true, s.B);
+        backward ? pack_operand(w_hh, GH, s.P, false, s) : pack_operand(w_hh, s.P, GH, true, s);
+    hr_packed =
+        backward ? pack_operand(w_hr, s.P, s.H, false, s) : pack_operand(w_hr, s.H, s.P, true, s);
   }
 
   template <typename T>

@@ -49,10 +49,17 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
 
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst) {
   const int64_t ld = packed_ld(N);
-  for (int64_t k = 0; k < K; ++k) {
-    float* row = dst + k * ld;
-    for (int64_t n = 0; n < N; ++n) row[n] = transposed ? src[n * K + k] : src[k * N + n];
-    std::fill(row + N, row + ld, 0.f);
+  for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ld + N, dst + (k + 1) * ld, 0.f);
+  if (!transposed) {
+    for (int64_t k = 0; k < K; ++k) std::copy(src + k * N, src + (k + 1) * N, dst + k * ld);
+    return;
+  }
+  // transpose by tiles of columns, so that the tile's source rows stay in cache across k
+  for (int64_t n0 = 0; n0 < N; n0 += kPackedTile) {
+    const int64_t n1 = std::min(N, n0 + kPackedTile);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = n0; n < n1; ++n) dst[k * ld + n] = src[n * K + k];
+    }
   }
 }
 

@@ -22,7 +22,8 @@ inline int64_t packed_ld(int64_t n) {
 // (transposed = true) or src itself, [K, N] row-major.
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst);
 
-// C[M, N] = A[M, K] @ R + beta C for the columns [n_begin, n_end) (multiples of the tile).
+// C[M, N] = A[M, K] @ R + beta C for the columns [n_begin, n_end) (n_begin a multiple of the
+// tile; n_end one too, or N).
 void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
                  float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end);
 
