@@ -20,6 +20,9 @@ SAVED_WIDTH = {"RNN_TANH": 0, "RNN_RELU": 0, "GRU": 4, "LSTM": 5}
 
 Tensor = torch.Tensor
 
+# Resolving the ops once makes them show in dir(torch.ops.rnnext) (the namespace is lazy).
+OPS = (torch.ops.rnnext.layer_forward, torch.ops.rnnext.layer_backward)
+
 
 def _check_like(op: str, name: str, t: Tensor, input: Tensor, shape: Sequence[int]) -> None:
     if tuple(t.shape) != tuple(shape):

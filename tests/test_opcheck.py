@@ -61,3 +61,7 @@ def test_layer_backward(mode, proj, lengths, bidirectional, mask, device):
         list(mask),
     )
     torch.library.opcheck(torch.ops.rnnext.layer_backward.default, args)
+
+
+def test_import_lists_the_ops():
+    assert {"layer_forward", "layer_backward"} <= set(dir(torch.ops.rnnext))
