@@ -157,10 +157,11 @@ def test_float32_matches_reference(mode, device):
 
 
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 11)], ids=str)
-@pytest.mark.parametrize("batch", [1, 7, 13, 16, 17], ids=lambda b: f"B{b}")
-def test_float32_small_batches(mode, proj, batch, device):
-    """float32 batches up to 16 rows run the per-step GEMMs on packed weights (tiles of 32
-    columns, blocks of 8 rows): odd sizes with partial tiles, both directions, lengths."""
+@pytest.mark.parametrize("batch", [1, 7, 13, 16, 17, 64, 65], ids=lambda b: f"B{b}")
+def test_float32_batches_packed_and_blas(mode, proj, batch, device):
+    """float32 batches up to 64 rows run the per-step GEMMs on packed weights (tiles of 32
+    columns, blocks of 8 rows), larger ones on BLAS: odd sizes with partial tiles, both
+    directions, lengths."""
     torch.manual_seed(6)
     T, I, H = 6, 20, 37
     x = torch.randn(T, batch, I, device=device, requires_grad=True)
