@@ -6,9 +6,22 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the ops and their fake kernels)
 
-# Position of the first tensor argument of LayerFunction: mode, has_biases, bidirectional and
-# lengths come first.
+# Both Functions take four non-tensor arguments first, then input, hx, cx and the weights.
 _FIRST_TENSOR = 4
+
+
+def _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights):
+    """What backward returns: None for the leading non-tensor arguments and for every input
+    that needs no gradient."""
+    need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
+    grad_weights = list(grad_weights) or [None] * len(need_weights)
+    return (
+        *([None] * _FIRST_TENSOR),
+        grad_input if need_input else None,
+        grad_hx if need_hx else None,
+        grad_cx if need_cx else None,
+        *(g if need else None for g, need in zip(grad_weights, need_weights)),
+    )
 
 
 def _refuse_double_backward() -> None:
@@ -66,18 +79,7 @@ class LayerFunction(torch.autograd.Function):
             lengths,
             [need_input, need_hx or need_cx, any(need_weights)],
         )
-        if not grad_weights:
-            grad_weights = [None] * len(weights)
-        return (
-            None,
-            None,
-            None,
-            None,
-            grad_input if need_input else None,
-            grad_hx if need_hx else None,
-            grad_cx if need_cx else None,
-            *(g if need else None for g, need in zip(grad_weights, need_weights)),
-        )
+        return _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights)
 
 
 def _segments(steps: int, every: int, lengths):
@@ -136,7 +138,7 @@ class CheckpointedLayerFunction(torch.autograd.Function):
         n = len(segments) - 1
         starts_h = [hx, *states[:n]]
         starts_c = [cx, *states[n:]] if is_lstm else [None] * len(segments)
-        need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[4:]
+        need_input, _, _, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
         grad_input = torch.empty_like(input) if need_input else None
         grad_weights = [None] * len(weights)
         dh, dc = grad_h_n, grad_c_n if is_lstm else None
@@ -169,13 +171,4 @@ class CheckpointedLayerFunction(torch.autograd.Function):
                 grad_input[start:stop] = gi
             for i, g in enumerate(gw):
                 grad_weights[i] = g if grad_weights[i] is None else grad_weights[i].add_(g)
-        return (
-            None,
-            None,
-            None,
-            None,
-            grad_input,
-            dh if need_hx else None,
-            dc if need_cx else None,
-            *(g if need else None for g, need in zip(grad_weights, need_weights)),
-        )
+        return _input_gradients(ctx, grad_input, dh, dc, grad_weights)

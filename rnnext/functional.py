@@ -62,17 +62,8 @@ def recurrent_layer(
         for the other modes). Differentiable with respect to every tensor argument.
     """
     _check_device(input)
-    order = None
     if lengths is not None:
         check_lengths(lengths, input, hx, cx)
-    if lengths is not None and not lengths_sorted:
-        # The kernels take rows longest first (the active rows of a step are then a prefix).
-        order = torch.argsort(lengths, descending=True, stable=True)
-        lengths = lengths.index_select(0, order)
-        dev_order = order.to(input.device)
-        input = input.index_select(1, dev_order)
-        hx = hx.index_select(1, dev_order) if hx is not None else None
-        cx = cx.index_select(1, dev_order) if cx is not None else None
     if checkpoint_every is not None:
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(
@@ -80,6 +71,12 @@ def recurrent_layer(
             )
         if bidirectional:
             raise ValueError("rnnext: checkpoint_every needs a unidirectional layer")
+    order = None
+    if lengths is not None and not lengths_sorted:
+        # The kernels take rows longest first (the active rows of a step are then a prefix).
+        order = torch.argsort(lengths, descending=True, stable=True)
+        lengths = lengths.index_select(0, order)
+        input, hx, cx = select_batch([input, hx, cx], order.to(input.device))
     tensors = (input, hx, cx, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         if checkpoint_every is not None:
@@ -95,11 +92,14 @@ def recurrent_layer(
             mode, input, list(weights), hx, cx, has_biases, bidirectional, lengths, False
         )
     if order is not None:
-        inverse = torch.argsort(order).to(input.device)
-        output = output.index_select(1, inverse)
-        h_n = h_n.index_select(1, inverse)
-        c_n = c_n.index_select(1, inverse) if c_n.numel() else c_n
+        output, h_n, c_n = select_batch([output, h_n, c_n], torch.argsort(order).to(input.device))
     return output, h_n, c_n
+
+
+def select_batch(tensors: Sequence[Tensor | None], index: Tensor) -> list[Tensor | None]:
+    """Reorders dimension 1 (the batch of time-major inputs, outputs and states) of each
+    tensor by index; None and empty tensors (c_n of a GRU, say) stay as they are."""
+    return [t.index_select(1, index) if t is not None and t.numel() else t for t in tensors]
 
 
 def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .functional import check_lengths, recurrent_layer
+from .functional import check_lengths, recurrent_layer, select_batch
 
 Tensor = torch.Tensor
 
@@ -102,11 +102,11 @@ class _FusedRNNBase(nn.RNNBase):
             # Sort the batch longest first once for all layers; the kernels need that order.
             order = torch.argsort(lengths, descending=True, stable=True)
             lengths = lengths.index_select(0, order)
-            input, states = _select_batch(input, states, order.to(input.device))
+            input, *states = select_batch([input, *states], order.to(input.device))
         output, h_n, c_n = self._layers(input, states, lengths)
         if order is not None:
             inverse = torch.argsort(order).to(input.device)
-            output, (h_n, c_n) = _select_batch(output, [h_n, c_n], inverse)
+            output, h_n, c_n = select_batch([output, h_n, c_n], inverse)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
@@ -127,10 +127,10 @@ class _FusedRNNBase(nn.RNNBase):
             hidden = tuple(states) if self.mode == "LSTM" else states[0]
             self.check_forward_args(data, hidden, batch_sizes)
         if sorted_indices is not None:
-            _, states = _select_batch(None, states, sorted_indices)
+            states = select_batch(states, sorted_indices)
         output, h_n, c_n = self._layers(padded.view(T, B, -1), states, lengths)
         if unsorted_indices is not None:
-            _, (h_n, c_n) = _select_batch(None, [h_n, c_n], unsorted_indices)
+            h_n, c_n = select_batch([h_n, c_n], unsorted_indices)
         output = PackedSequence(
             output.view(T * B, -1).index_select(0, rows),
             batch_sizes,
@@ -168,12 +168,6 @@ class _FusedRNNBase(nn.RNNBase):
             input = output
         c_out = torch.cat(c_n) if self.mode == "LSTM" else input.new_empty(0)
         return input, torch.cat(h_n), c_out
-
-
-def _select_batch(tensor: Tensor | None, states: list, index: Tensor):
-    """Reorders dimension 1 (the batch of time-major tensors and of states); None stays None."""
-    picked = tensor.index_select(1, index) if tensor is not None else None
-    return picked, [s.index_select(1, index) if s is not None and s.numel() else s for s in states]
 
 
 class RNN(_FusedRNNBase):

@@ -1,6 +1,6 @@
 // The CPU time loops, written once and instantiated per cell policy (csrc/cells). One call runs
 // one direction of one layer. All buffers come in through the params structs, allocated by the
-// host code before the loop: inside it there are only BLAS calls and the fused pointwise passes.
+// host code before the loop: inside it there are only GEMM calls and the fused pointwise passes.
 //
 // Per-sequence lengths: batch rows are sorted by length, longest first, so the rows active at
 // step t are a prefix [0, n_t) with n_t = batch_sizes[t] (the layout of a PackedSequence).
@@ -73,7 +73,7 @@ struct LayerDims {
   }
 };
 
-// Adds bias [N] to every row of rows [M, N] (row stride ld), or, with bias null, nothing.
+// Adds bias [N] to every row of rows [M, N] (row stride ld).
 template <typename T>
 void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
   for (int64_t r = 0; r < M; ++r) {
