@@ -9,7 +9,13 @@ import glob
 import os
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+# torch finds the CUDA toolkit through CUDA_HOME, else through the nvcc on PATH; a wrapper
+# script on PATH would point it at the wrong folder, so the standard location comes first.
+if not os.environ.get("CUDA_HOME") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME on import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,6 +50,38 @@ def _torch_has_cuda() -> bool:
     return _torch_cuda_version() is not None
 
 
+def _nvidia_wheel_dirs(sub: str) -> list[str]:
+    """Folders of the nvidia wheels that a CUDA build of torch installs (cuBLAS headers and
+    libraries live there when the CUDA toolkit itself lacks them)."""
+    import site
+
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = []
+    for root in roots:
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "cu[0-9]*", sub)))
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "cublas", sub)))
+    return [path for path in found if os.path.isdir(path)]
+
+
+def _cublas_include_args() -> list[str]:
+    """The cuBLAS headers from the nvidia wheels when the CUDA toolkit lacks them, searched
+    after the toolkit's own folder (-isystem): the wheel's copies of the runtime headers are
+    incomplete."""
+    toolkit = os.path.join(cpp_extension.CUDA_HOME or "", "include", "cublas_v2.h")
+    if os.path.exists(toolkit):
+        return []
+    return [arg for folder in _nvidia_wheel_dirs("include") for arg in ("-isystem", folder)]
+
+
+def _cublas_link_args() -> list[str]:
+    """Links cuBLAS by path when a wheel provides it (libtorch_cuda loads the same library)."""
+    for folder in _nvidia_wheel_dirs("lib"):
+        libraries = sorted(glob.glob(os.path.join(folder, "libcublas.so*")))
+        if libraries:
+            return [libraries[0]]
+    return ["-lcublas"]
+
+
 def _extension():
     cpu_sources = _sources("rnnext.cpp", "common/*.cpp", "cpu/*.cpp")
     # -fno-math-errno and -fno-trapping-math (torch's own flags) let GCC vectorise the
@@ -56,7 +94,11 @@ def _extension():
             "rnnext._C",
             sources,
             define_macros=[("RNNEXT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={
+                "cxx": cxx_flags + _cublas_include_args(),
+                "nvcc": ["-O3"] + _cublas_include_args(),
+            },
+            extra_link_args=_cublas_link_args(),
         )
     return cpp_extension.CppExtension(
         "rnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}

@@ -54,8 +54,13 @@ def _layer_sizes(
             f"{op}: input must be 3-D [T, B, I] (time-major), got {input.dim()}-D "
             f"with shape {list(input.shape)}"
         )
-    if input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: input must be float32 or float64, got {input.dtype}")
+    if input.dtype not in (torch.float32, torch.float64) and (
+        input.device.type == "cpu" or input.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        raise TypeError(
+            f"{op}: input must be float32 or float64 (float16 and bfloat16 on CUDA), "
+            f"got {input.dtype} on {input.device}"
+        )
     T, B, I = input.shape
     if T == 0:
         raise ValueError(f"{op}: input must have at least one time step, got shape {[T, B, I]}")

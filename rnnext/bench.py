@@ -11,7 +11,11 @@ benchmark builds a torch.nn module and the matching rnnext module with the same 
   to None between repeats, outside the timed region.
 
 Before anything is timed, both passes run once on both modules and the outputs, final states
-and gradients are compared with ``torch.testing.assert_close(rtol=1e-3, atol=1e-4)``. A
+and gradients are compared: float32 and float64 with ``torch.testing.assert_close(rtol=1e-3,
+atol=1e-4)``; float16 and bfloat16 (CUDA only) by the largest difference relative to the
+largest value of each tensor, at most ``HALF_TOLERANCE`` (a wrong gate or a missing term gives
+errors of order one there). On CUDA, float32 runs with TF32 off on both sides (cuDNN and
+rnnext's cuBLAS GEMMs) unless ``--tf32`` turns it on for both. A
 configuration that disagrees is recorded with ``"agree": false`` and is not timed, so no speed
 of a wrong result is ever reported; ``main()`` then exits with status 1.
 
@@ -85,7 +89,16 @@ PASSES = ("fwd", "fwd+bwd")
 PASS_FLOP_FACTOR = {"fwd": 1, "fwd+bwd": 3}
 # Labelled ticks of the plot's logarithmic ratio axis.
 RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+HALF_DTYPES = ("float16", "bfloat16")
+# Largest allowed difference relative to a tensor's largest value, per half type: a few
+# hundred unit roundoffs (2^-11, 2^-8) for errors that grow along the recurrence.
+HALF_TOLERANCE = {torch.float16: 0.02, torch.bfloat16: 0.08}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +253,24 @@ def check_agreement(reference: nn.Module, fused: nn.Module, x: Tensor, hx: State
         PASSES, (forward, backward), (names, names + grad_names)
     ):
         for label, want, got in zip(labels, expected, actual):
-            try:
-                torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
-            except (AssertionError, TypeError) as err:
-                detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            detail = _difference(got, want)
+            if detail is not None:
                 return f"{pass_name} {label}: {detail}"
+    return None
+
+
+def _difference(got: Tensor, want: Tensor) -> str | None:
+    """None if got agrees with want at the dtype's tolerance, else a description."""
+    if want.dtype in HALF_TOLERANCE and got.dtype == want.dtype and got.shape == want.shape:
+        scale = want.abs().max().float().item() if want.numel() else 0.0
+        error = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+        if error <= HALF_TOLERANCE[want.dtype] * max(scale, 1e-6):
+            return None
+        return f"max difference {error:.3g} over max value {scale:.3g}"
+    try:
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    except (AssertionError, TypeError) as err:
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None
 
 
@@ -356,8 +382,14 @@ def _cpu_name() -> str:
 def machine_info(device: torch.device, dtype_name: str) -> Record:
     """Fields describing the machine and software, added to every record."""
     device_name = "cpu"
+    extra: Record = {}
     if device.type == "cuda":
         device_name = f"cuda ({torch.cuda.get_device_name(device)})"
+        extra = {
+            "cuda_version": torch.version.cuda,
+            "cudnn_version": torch.backends.cudnn.version(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
+        }
     return {
         "platform": platform.platform(),
         "processor": _cpu_name(),
@@ -367,6 +399,7 @@ def machine_info(device: torch.device, dtype_name: str) -> Record:
         "device": device_name,
         "dtype": dtype_name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
 
 
@@ -594,7 +627,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and few repeats, for a smoke test"
     )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="float32 (default), float64; float16 and bfloat16 on CUDA",
+    )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA float32: let cuDNN and rnnext's GEMMs use TF32 (default: both off)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -630,6 +673,11 @@ def run(argv: Sequence[str] | None = None) -> list[Record]:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.dtype in HALF_DTYPES and args.device != "cuda":
+        parser.error(f"--dtype {args.dtype} needs --device cuda")
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     for option in ("threads", "repeats"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")

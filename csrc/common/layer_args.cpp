@@ -1,5 +1,6 @@
 #include "layer_args.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -35,6 +36,30 @@ void check_like_input(const char* op, const std::string& name, const at::Tensor&
                     input.device(), ", got ", t.device());
 }
 
+void check_backward_args(const char* op, const LayerShape& s, c10::string_view mode,
+                         const at::Tensor& input, const at::Tensor& output,
+                         const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
+                         const std::optional<at::Tensor>& grad_h_n,
+                         const std::optional<at::Tensor>& grad_c_n) {
+  check_like_input(op, "output", output, input, {s.T, s.B, s.D * s.P});
+  check_like_input(op, "workspace", workspace, input, {s.D, s.T, s.B, s.ws_row});
+  if (grad_output.has_value()) {
+    check_like_input(op, "grad_output", *grad_output, input, {s.T, s.B, s.D * s.P});
+  }
+  if (grad_h_n.has_value()) check_like_input(op, "grad_h_n", *grad_h_n, input, {s.D, s.B, s.P});
+  if (grad_c_n.has_value()) {
+    TORCH_CHECK_VALUE(s.cell == CellKind::kLstm, op, ": grad_c_n must be None for mode '",
+                      std::string(mode.data(), mode.size()), "', got a tensor of shape ",
+                      grad_c_n->sizes());
+    check_like_input(op, "grad_c_n", *grad_c_n, input, {s.D, s.B, s.H});
+  }
+}
+
+at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
+                         int64_t size, const at::TensorOptions& opts) {
+  return state.has_value() ? state->select(0, d).contiguous() : at::zeros({batch, size}, opts);
+}
+
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,
@@ -47,8 +72,12 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
 
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I] (time-major), got ",
                     input.dim(), "-D with shape ", input.sizes());
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", input.scalar_type());
+  const at::ScalarType dtype = input.scalar_type();
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || (half && input.is_cuda()), op,
+                   ": input must be float32 or float64",
+                   input.is_cuda() ? ", float16 or bfloat16" : " (float16 and bfloat16 on CUDA)",
+                   ", got ", dtype, " on ", input.device());
   s.T = input.size(0);
   s.B = input.size(1);
   s.I = input.size(2);

@@ -46,8 +46,9 @@ struct LayerShape {
 };
 
 // Checks the forward op's arguments and returns their sizes.
-// input [T, B, I]; hx [D, B, P]; cx [D, B, H] (LSTM only); lengths [B] int64 or int32, on the
-// CPU or the input's device, values in [0, T], sorted longest first.
+// input [T, B, I] float32 or float64 (also float16 and bfloat16 on CUDA); hx [D, B, P]; cx [D, B,
+// H] (LSTM only); lengths [B] int64 or int32, on the CPU or the input's device, values in [0, T],
+// sorted longest first.
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,
@@ -57,5 +58,18 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
 // device as the input and exactly the shape the forward made.
 void check_like_input(const char* op, const std::string& name, const at::Tensor& t,
                       const at::Tensor& input, at::IntArrayRef shape);
+
+// Checks what layer_backward takes besides the forward's arguments: output [T, B, D*P],
+// workspace [D, T, B, ws_row], grad_output like output, grad_h_n [D, B, P], grad_c_n [D, B, H]
+// (LSTM only).
+void check_backward_args(const char* op, const LayerShape& s, c10::string_view mode,
+                         const at::Tensor& input, const at::Tensor& output,
+                         const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
+                         const std::optional<at::Tensor>& grad_h_n,
+                         const std::optional<at::Tensor>& grad_c_n);
+
+// hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given.
+at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
+                         int64_t size, const at::TensorOptions& opts);
 
 }  // namespace rnnext

@@ -21,12 +21,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given.
-Tensor initial_state(const optional<Tensor>& state, int64_t d, int64_t batch, int64_t size,
-                     const at::TensorOptions& opts) {
-  return state.has_value() ? state->select(0, d).contiguous() : at::zeros({batch, size}, opts);
-}
-
 // Batches up to this size run their per-step GEMMs on packed operands: in our measurements
 // (2-core AMD EPYC, MKL) that was 1.6-2.3x faster per step than BLAS up to 16 rows and equal
 // to 10% faster end to end at 32 and 64 rows; larger batches, unmeasured, keep BLAS. Packing
@@ -184,20 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const LayerShape s =
       check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
   const bool has_state = s.cell == CellKind::kLstm;
-  check_like_input(op, "output", output, input_arg, {s.T, s.B, s.D * s.P});
-  check_like_input(op, "workspace", workspace_arg, input_arg, {s.D, s.T, s.B, s.ws_row});
-  if (grad_output.has_value()) {
-    check_like_input(op, "grad_output", *grad_output, input_arg, {s.T, s.B, s.D * s.P});
-  }
-  if (grad_h_n.has_value()) {
-    check_like_input(op, "grad_h_n", *grad_h_n, input_arg, {s.D, s.B, s.P});
-  }
-  if (grad_c_n.has_value()) {
-    TORCH_CHECK_VALUE(has_state, op, ": grad_c_n must be None for mode '",
-                      std::string(mode.data(), mode.size()), "', got a tensor of shape ",
-                      grad_c_n->sizes());
-    check_like_input(op, "grad_c_n", *grad_c_n, input_arg, {s.D, s.B, s.H});
-  }
+  check_backward_args(op, s, mode, input_arg, output, workspace_arg, grad_output, grad_h_n,
+                      grad_c_n);
   const auto [need_input, need_state, need_weights] = output_mask;
 
   const Tensor input = input_arg.contiguous();

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-shot check on a machine with an NVIDIA GPU, using only what is installed there (no
+# network): build rnnext with its CUDA part, run the CUDA tests, run compute-sanitizer
+# memcheck on a small forward+backward of every cell, and benchmark rnnext against torch.nn
+# (cuDNN) in the same process. Writes gpu_check.log, memcheck.log, summary.json and
+# bench_<dtype>/bench.{json,png} into the folder given as $1, else $OUT, else
+# benchmarks/results/gpu. Every stage runs even when an earlier one fails; the exit status
+# is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dest=$(mkdir -p "${1:-${OUT:-benchmarks/results/gpu}}" && cd "${1:-${OUT:-benchmarks/results/gpu}}" && pwd)
+PYTHON=${PYTHON:-python3}
+exec > >(tee "$dest/gpu_check.log") 2>&1
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+declare -A rc
+
+stage environment
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
+nvcc --version | tail -n 2
+
+stage build
+export RNNEXT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+"$PYTHON" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q -e .
+rc[build]=$?
+"$PYTHON" -c "import rnnext, rnnext.functional as f; print('kernels for', sorted(f.DEVICES_WITH_KERNELS))"
+
+stage "CUDA tests"
+"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests
+rc[tests]=$?
+
+stage "compute-sanitizer memcheck"
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$PYTHON" benchmarks/cuda_smoke.py > "$dest/memcheck.log" 2>&1
+rc[memcheck]=$?
+tail -n 5 "$dest/memcheck.log"
+
+for dtype in float32 bfloat16; do
+  stage "benchmark $dtype"
+  "$PYTHON" -m rnnext.bench --device cuda --cells lstm,gru --dtype "$dtype" \
+    --sizes 100x64x512,500x4x512,50x128x1024 --out "$dest/bench_$dtype"
+  rc[bench_$dtype]=$?
+done
+
+stage summary
+status_json=$(for k in "${!rc[@]}"; do printf '"%s": %s, ' "$k" "${rc[$k]}"; done)
+"$PYTHON" - "$dest" "{${status_json%, }}" <<'PY'
+import json, pathlib, sys, torch
+dest, status = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
+summary = {
+    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+    "exit_status": status, "bench": [],
+}
+for path in sorted(dest.glob("bench_*/bench.json")):
+    for r in json.loads(path.read_text()):
+        keys = ("config", "pass", "dtype", "torch_ms", "rnnext_ms", "ratio", "agree", "note")
+        summary["bench"].append({k: r[k] for k in keys})
+(dest / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(json.dumps(summary["exit_status"]))
+PY
+for k in "${!rc[@]}"; do [ "${rc[$k]}" -eq 0 ] || exit 1; done

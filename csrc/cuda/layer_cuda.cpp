@@ -1,0 +1,287 @@
+// CUDA implementations of rnnext::layer_forward and rnnext::layer_backward: argument checks,
+// the device guard, buffers and the current stream and cuBLAS handle here; the time loops and
+// kernels in layer_driver.cu, which sees no torch header. Directions run one after the other
+// on the current stream, sharing their scratch buffers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common/layer_args.h"
+#include "layer_driver.h"
+
+namespace rnnext {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// The CUDA type of a torch scalar type (same layout, so pointers convert).
+template <typename scalar_t>
+struct Native {
+  using type = scalar_t;
+};
+template <>
+struct Native<at::Half> {
+  using type = __half;
+};
+template <>
+struct Native<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+T* data(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Steps per block of the input-side GEMMs: blocks of about 2^25 gate values keep scratch
+// bounded for long sequences while every block's GEMMs stay large. RNNEXT_CUDA_BLOCK_STEPS
+// overrides it (tests use it to cover many blocks with small sizes).
+int64_t block_steps(const LayerShape& s) {
+  int64_t steps = ((int64_t{1} << 25) / (s.G * s.H)) / std::max<int64_t>(s.B, 1);
+  if (const char* env = std::getenv("RNNEXT_CUDA_BLOCK_STEPS")) steps = std::atoll(env);
+  return std::clamp<int64_t>(steps, 1, s.T);
+}
+
+at::ScalarType acc_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// One direction's weights and initial states, contiguous, zeros for absent ones.
+struct DirectionInputs {
+  Tensor w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0;
+
+  DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
+                  const optional<Tensor>& cx, const at::TensorOptions& opts) {
+    const DirectionWeights& w = s.dirs[d];
+    w_ih = w.w_ih.contiguous();
+    w_hh = w.w_hh.contiguous();
+    w_hr = s.has_proj ? w.w_hr.contiguous() : Tensor();
+    b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
+    b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
+    h0 = initial_state(hx, d, s.B, s.P, opts);
+    c0 = s.cell == CellKind::kLstm ? initial_state(cx, d, s.B, s.H, opts) : Tensor();
+  }
+};
+
+template <typename T>
+void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
+               const DirectionInputs& in) {
+  p.steps = s.T;
+  p.batch = s.B;
+  p.inputs = s.I;
+  p.hidden = s.H;
+  p.out = s.P;
+  p.gates = s.G;
+  p.ws_row = s.ws_row;
+  p.ldo = s.D * s.P;
+  p.block_steps = block_steps(s);
+  p.m_offset = s.S * s.H;
+  p.reverse = d == 1;
+  p.batch_sizes = s.batch_sizes.data();
+  p.lengths = s.lengths.data();
+  p.x = data<T>(input);
+  p.w_ih = data<T>(in.w_ih);
+  p.w_hh = data<T>(in.w_hh);
+  p.w_hr = data<T>(in.w_hr);
+  p.b_ih = data<T>(in.b_ih);
+  p.b_hh = data<T>(in.b_hh);
+  p.h0 = data<T>(in.h0);
+  p.c0 = data<T>(in.c0);
+}
+
+// cuBLAS and the kernels index with 32-bit sizes in places; refuse what would overflow them.
+void check_sizes(const char* op, const LayerShape& s) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  const int64_t widest = std::max({s.G * s.H, s.I, s.P, s.ws_row});
+  TORCH_CHECK_VALUE(block_steps(s) * s.B * widest <= limit && s.B * s.D * s.P <= limit, op,
+                    ": sizes too large for the CUDA kernels' 32-bit GEMM dimensions (B = ", s.B,
+                    ", I = ", s.I, ", H = ", s.H, ", P = ", s.P, ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
+    const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
+    const optional<Tensor>& lengths, bool need_workspace) {
+  const char* op = "rnnext.layer_forward";
+  const LayerShape s =
+      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
+  check_sizes(op, s);
+  const c10::cuda::CUDAGuard guard(input_arg.device());
+  const Tensor input = input_arg.contiguous();
+  const auto opts = input.options();
+  const auto acc_opts = opts.dtype(acc_type(input.scalar_type()));
+  const bool has_state = s.cell == CellKind::kLstm;
+
+  Tensor output = at::empty({s.T, s.B, s.D * s.P}, opts);
+  Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
+  Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
+  Tensor workspace =
+      need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
+  if (s.B == 0) return {output, h_n, c_n, workspace};
+  const Tensor xg = at::empty({block_steps(s), s.B, s.G * s.H}, acc_opts);
+  const Tensor hg = at::empty({s.B, s.G * s.H}, acc_opts);
+  const Tensor c_state = has_state ? at::empty({s.B, s.H}, acc_opts) : Tensor();
+  const Tensor step_scratch = at::empty({need_workspace ? 0 : s.B, s.ws_row}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "rnnext_layer_forward_cuda", [&] {
+        using T = typename Native<scalar_t>::type;
+        for (int64_t d = 0; d < s.D; ++d) {
+          const DirectionInputs in(s, d, hx, cx, opts);
+          if (has_state) c_state.copy_(in.c0);
+          ForwardParams<T> p;
+          fill_dims(p, s, input, d, in);
+          p.xg = data<acc_t<T>>(xg);
+          p.hg = data<acc_t<T>>(hg);
+          p.c_state = data<acc_t<T>>(c_state);
+          p.output = data<T>(output) + d * s.P;
+          p.h_n = data<T>(h_n) + d * s.B * s.P;
+          p.workspace = need_workspace ? data<T>(workspace) + d * workspace.stride(0) : nullptr;
+          p.step_scratch = data<T>(step_scratch);
+          forward_direction<T>(s.cell, p, blas, stream);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (has_state) c_n[d].copy_(c_state);
+        }
+      });
+  return {output, h_n, c_n, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
+    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
+    const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
+    const Tensor& workspace_arg, const optional<Tensor>& grad_output,
+    const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
+    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask) {
+  const char* op = "rnnext.layer_backward";
+  const LayerShape s =
+      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
+  check_backward_args(op, s, mode, input_arg, output, workspace_arg, grad_output, grad_h_n,
+                      grad_c_n);
+  check_sizes(op, s);
+  const c10::cuda::CUDAGuard guard(input_arg.device());
+  const auto [need_input, need_state, need_weights] = output_mask;
+  const bool has_state = s.cell == CellKind::kLstm;
+  const Tensor input = input_arg.contiguous();
+  const Tensor out = output.contiguous();
+  const Tensor workspace = workspace_arg.contiguous();
+  const auto opts = input.options();
+  const auto acc_opts = opts.dtype(acc_type(input.scalar_type()));
+  const int64_t GH = s.G * s.H, steps = block_steps(s);
+  const bool separate_dgh =
+      cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
+
+  // Gradients accumulate in acc_opts (float for the half types) and convert at the end.
+  const Tensor grad_x = need_input ? at::zeros({s.T, s.B, s.I}, acc_opts) : Tensor();
+  std::vector<std::vector<Tensor>> grad_w(s.D);
+  if (need_weights) {
+    for (int64_t d = 0; d < s.D; ++d) {
+      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh}) {
+        grad_w[d].push_back(at::zeros(w.sizes(), acc_opts));
+      }
+      if (has_biases) {
+        grad_w[d].push_back(at::zeros({GH}, acc_opts));
+        grad_w[d].push_back(at::zeros({GH}, acc_opts));
+      }
+      if (s.has_proj) grad_w[d].push_back(at::zeros(s.dirs[d].w_hr.sizes(), acc_opts));
+    }
+  }
+  const Tensor dgh_first = at::empty({s.D, s.B, GH}, acc_opts);
+  // dh and dc: running gradients, in: w.r.t. h_n and c_n, out: w.r.t. hx and cx
+  auto running = [&](const optional<Tensor>& given, int64_t size) {
+    return given.has_value()
+               ? given->to(acc_opts, false, /*copy=*/true, at::MemoryFormat::Contiguous)
+               : at::zeros({s.D, s.B, size}, acc_opts);
+  };
+  const Tensor dh = running(grad_h_n, s.P);
+  const Tensor dc = has_state ? running(grad_c_n, s.H) : Tensor();
+  // scratch for one block of steps, shared by the directions (they run one after the other)
+  const Tensor dgx = at::empty({steps, s.B, GH}, opts);
+  const Tensor dgh = separate_dgh ? at::empty({steps, s.B, GH}, opts) : dgx;
+  const Tensor grad_h = s.has_proj ? at::empty({steps, s.B, s.P}, opts) : Tensor();
+  const Tensor dm = s.has_proj ? at::empty({s.B, s.H}, acc_opts) : Tensor();
+  const Tensor ones = at::ones({steps * s.B}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+  std::vector<DirectionInputs> inputs;
+  for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
+
+  if (s.B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "rnnext_layer_backward_cuda", [&] {
+          using T = typename Native<scalar_t>::type;
+          using A = acc_t<T>;
+          for (int64_t d = 0; d < s.D; ++d) {
+            auto grad = [&](size_t k) -> A* {
+              return k < grad_w[d].size() ? data<A>(grad_w[d][k]) : nullptr;
+            };
+            BackwardParams<T> p;
+            fill_dims(p, s, input, d, inputs[d]);
+            p.output = data<T>(out) + d * s.P;
+            p.workspace = data<T>(workspace) + d * workspace.stride(0);
+            p.grad_output = nullptr;
+            if (grad_output.has_value()) {
+              // any strides: an expanded gradient (of output.sum(), say) is never materialised
+              p.grad_output = data<T>(*grad_output) + d * s.P * grad_output->stride(2);
+              p.go_stride_t = grad_output->stride(0);
+              p.go_stride_b = grad_output->stride(1);
+              p.go_stride_j = grad_output->stride(2);
+            }
+            p.ones = data<T>(ones);
+            p.grad_x = data<A>(grad_x);
+            p.grad_w_ih = grad(0);
+            p.grad_w_hh = grad(1);
+            p.grad_b_ih = has_biases ? grad(2) : nullptr;
+            p.grad_b_hh = has_biases ? grad(3) : nullptr;
+            p.grad_w_hr = s.has_proj ? grad(has_biases ? 4 : 2) : nullptr;
+            p.dgh_first = data<A>(dgh_first) + d * s.B * GH;
+            p.dh = data<A>(dh) + d * s.B * s.P;
+            p.dc = has_state ? data<A>(dc) + d * s.B * s.H : nullptr;
+            p.dm = data<A>(dm);
+            p.dgx = data<T>(dgx);
+            p.dgh = data<T>(dgh);
+            p.grad_h = data<T>(grad_h);
+            backward_direction<T>(s.cell, p, blas, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        });
+  }
+
+  const auto dtype = input.scalar_type();
+  std::vector<Tensor> grad_weights;
+  for (int64_t d = 0; d < s.D && need_weights; ++d) {
+    // the h0 term of dW_hh: each row's first step consumed h0
+    if (hx.has_value()) grad_w[d][1].addmm_(dgh_first[d].t(), inputs[d].h0.to(acc_opts));
+    for (Tensor& g : grad_w[d]) grad_weights.push_back(g.to(dtype));
+  }
+  // (unwanted gradients are distinct empty tensors: outputs must not alias each other)
+  const Tensor grad_input = need_input ? grad_x.to(dtype) : at::empty({0}, opts);
+  const Tensor grad_hx = need_state ? dh.to(dtype) : at::empty({0}, opts);
+  const Tensor grad_cx = need_state && has_state ? dc.to(dtype) : at::empty({0}, opts);
+  return {grad_input, grad_hx, grad_cx, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnext, CUDA, m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward", &layer_backward);
+}
+
+}  // namespace cuda
+}  // namespace rnnext

@@ -1,0 +1,148 @@
+"""CUDA-only behaviour: half precision against a float64 run, determinism, CUDA graphs,
+streams and blocked input-side GEMMs. (The device-parametrised tests elsewhere cover the
+float64 and float32 maths on CUDA.) Skips cleanly without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, flat, layer_weights, module_pair, weighted_loss
+
+import rnnext
+from rnnext import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HALF_TYPES = [torch.float16, torch.bfloat16]
+
+
+def _outputs_and_grads(module, x, hx):
+    """Output, final states and the gradients of input, states and parameters, as float64."""
+    x = x.detach().requires_grad_()
+    leaves = [s.detach().requires_grad_() for s in (hx if isinstance(hx, tuple) else (hx,))]
+    state = tuple(leaves) if isinstance(hx, tuple) else leaves[0]
+    result = flat(module(x, state))
+    if len(result) == 2:
+        result.append(result[0].new_zeros(0))
+    grads = torch.autograd.grad(weighted_loss(*result), [x, *leaves, *module.parameters()])
+    return [t.detach().double() for t in (*result, *grads)]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(
+    "mode,kwargs",
+    [(m, {}) for m in MODES] + [("LSTM", {"proj_size": 8}), ("GRU", {"bidirectional": True})],
+)
+def test_half_precision_error_is_like_torch_nn(mode, kwargs, dtype):
+    """In float16 and bfloat16, rnnext's error against a float64 run of the same weights is
+    at most a small multiple of torch.nn's own error in that dtype (or of the dtype's
+    resolution where torch.nn's error happens to be smaller), for outputs, states and every
+    gradient."""
+    torch.manual_seed(0)
+    T, B, I, H = 12, 5, 16, 24
+    theirs, ours = module_pair(mode, I, H, dtype=torch.float64, device="cuda", **kwargs)
+    D = 2 if kwargs.get("bidirectional") else 1
+    P = kwargs.get("proj_size") or H
+    opts = dict(dtype=torch.float64, device="cuda")
+    x = torch.randn(T, B, I, **opts)
+    h0 = torch.randn(D, B, P, **opts) / 2
+    hx = (h0, torch.randn(D, B, H, **opts) / 2) if mode == "LSTM" else h0
+    exact = _outputs_and_grads(ours, x, hx)
+    half_hx = tuple(s.to(dtype) for s in hx) if isinstance(hx, tuple) else hx.to(dtype)
+    theirs_half = _outputs_and_grads(theirs.to(dtype), x.to(dtype), half_hx)
+    ours_half = _outputs_and_grads(ours.to(dtype), x.to(dtype), half_hx)
+    assert ours_half[0].dtype == torch.float64  # (converted for comparison)
+    # Errors as relative Euclidean norms: a relu unit whose sign flips under rounding (both
+    # implementations meet some) then moves the measure little, where a maximum would jump.
+    eps = torch.finfo(dtype).eps
+    for k, (want, ref_half, got) in enumerate(zip(exact, theirs_half, ours_half)):
+        if want.numel() == 0:
+            continue
+        scale = want.norm().item()
+        their_error = (ref_half - want).norm().item() / scale
+        our_error = (got - want).norm().item() / scale
+        bound = 4 * max(their_error, 4 * eps)
+        assert our_error <= bound, f"tensor {k}: relative error {our_error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic(mode):
+    """Identical inputs give bitwise-identical outputs and gradients, call after call."""
+    torch.manual_seed(1)
+    _, ours = module_pair(mode, 32, 48, dtype=torch.float32, device="cuda", bidirectional=True)
+    x = torch.randn(30, 16, 32, device="cuda")
+    hx = torch.randn(2, 16, 48, device="cuda")
+    hx = (hx, torch.randn(2, 16, 48, device="cuda")) if mode == "LSTM" else hx
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _outputs_and_grads(ours, x, hx)
+        for _ in range(3):
+            for a, b in zip(first, _outputs_and_grads(ours, x, hx)):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_capture_and_replay(mode):
+    """The forward captures into a CUDA graph; a replay on new input equals an eager call."""
+    torch.manual_seed(2)
+    _, ours = module_pair(mode, 8, 16, dtype=torch.float32, device="cuda")
+    static_x = torch.randn(10, 4, 8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        ours(static_x)  # warm-up outside the capture, as CUDA graphs require
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = ours(static_x)[0]
+    new_x = torch.randn(10, 4, 8, device="cuda")
+    static_x.copy_(new_x)
+    graph.replay()
+    with torch.no_grad():
+        torch.testing.assert_close(static_out, ours(new_x)[0])
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_side_stream(mode):
+    """Work queued on a non-default stream gives the default stream's results."""
+    torch.manual_seed(3)
+    _, ours = module_pair(mode, 8, 16, dtype=torch.float64, device="cuda")
+    x = torch.randn(9, 3, 8, dtype=torch.float64, device="cuda")
+    expected = ours(x)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = ours(x)[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_blocked_input_gemms_and_device_lengths(mode, monkeypatch):
+    """Input-side GEMMs in blocks of 3 steps, lengths given on the GPU, both directions,
+    projection for LSTM: the same results and gradients as the reference."""
+    monkeypatch.setenv("RNNEXT_CUDA_BLOCK_STEPS", "3")
+    torch.manual_seed(4)
+    T, B, I, H = 11, 5, 6, 7
+    proj = 4 if mode == "LSTM" else 0
+    P = proj or H
+    opts = dict(dtype=torch.float64, device="cuda")
+    weights = layer_weights(mode, I, H, directions=2, proj=proj, **opts)
+    x = torch.randn(T, B, I, **opts, requires_grad=True)
+    hx = torch.randn(2, B, P, **opts, requires_grad=True)
+    cx = torch.randn(2, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
+    lengths = torch.tensor([11, 3, 9, 0, 5], device="cuda")
+    args = (mode, x, weights, hx, cx)
+    kw = dict(bidirectional=True, lengths=lengths)
+    ours = rnnext.functional.recurrent_layer(*args, **kw)
+    ref = reference.recurrent_layer(*args, **kw)
+    leaves = [x, hx] + ([cx] if cx is not None else []) + weights
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(
+        torch.autograd.grad(weighted_loss(*ours), leaves),
+        torch.autograd.grad(weighted_loss(*ref), leaves),
+    ):
+        torch.testing.assert_close(a, b)
