@@ -2,7 +2,8 @@
 # One-shot check on a machine with an NVIDIA GPU, using only what is installed there (no
 # network): build rnnext with its CUDA part, run the CUDA tests, run compute-sanitizer
 # memcheck on a small forward+backward of every cell, and benchmark rnnext against torch.nn
-# (cuDNN) in the same process. Writes gpu_check.log, memcheck.log, summary.json and
+# (cuDNN) in the same process, and profile where one forward+backward spends its GPU time.
+# Writes gpu_check.log, memcheck.log, profile.log, summary.json and
 # bench_<dtype>/bench.{json,png} into the folder given as $1, else $OUT, else
 # benchmarks/results/gpu. Every stage runs even when an earlier one fails; the exit status
 # is non-zero if any failed.
@@ -38,6 +39,11 @@ for dtype in float32 bfloat16; do
     --sizes 100x64x512,500x4x512,50x128x1024 --out "$dest/bench_$dtype"
   rc[bench_$dtype]=$?
 done
+
+stage "profile"
+timeout 120 "$PYTHON" benchmarks/cuda_profile.py >"$dest/profile.log" 2>&1
+rc[profile]=$?
+cat "$dest/profile.log"
 
 stage "compute-sanitizer memcheck"
 # without the caching allocator every tensor is its own allocation, so memcheck sees its bounds
