@@ -24,14 +24,45 @@ def _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights):
     )
 
 
-def _refuse_double_backward() -> None:
-    # The backward op has no derivative of its own; a graph built through it would silently
-    # give zero second derivatives, so create_graph=True is refused instead.
-    if torch.is_grad_enabled():
-        raise NotImplementedError(
-            "rnnext: backward with create_graph=True (double backward) through an rnnext "
-            "layer is not supported"
+def _reference_gradients(ctx, mode, has_biases, bidirectional, lengths, tensors, grads):
+    """Backward with create_graph=True: the gradients of rnnext.reference's recomputation of
+    the layer (plain PyTorch ops, step by step), which autograd can differentiate again. The
+    fused backward op has no derivative of its own; this path is slower but twice
+    differentiable, and equal to the fused gradients up to rounding.
+
+    tensors: (input, hx, cx, *weights) as the Function received them; grads: the output
+    gradients (output, h_n, c_n), None where there is none. Returns (grad_input, grad_hx,
+    grad_cx, grad_weights) for _input_gradients.
+    """
+    from . import reference
+
+    input, hx, cx, *weights = tensors
+    outputs = reference.recurrent_layer(
+        mode,
+        input,
+        weights,
+        hx,
+        cx,
+        has_biases=has_biases,
+        bidirectional=bidirectional,
+        lengths=lengths,
+    )
+    pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
+    needs = ctx.needs_input_grad[_FIRST_TENSOR:]
+    wanted = [t for t, need in zip(tensors, needs) if need]
+    found = iter(
+        torch.autograd.grad(
+            [t for t, _ in pairs],
+            wanted,
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
         )
+        if pairs and wanted
+        else [None] * len(wanted)
+    )
+    result = [next(found) if need else None for need in needs]
+    return result[0], result[1], result[2], result[3:]
 
 
 class LayerFunction(torch.autograd.Function):
@@ -60,8 +91,20 @@ class LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        _refuse_double_backward()
         lengths, input, hx, cx, out, workspace, *weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _input_gradients(
+                ctx,
+                *_reference_gradients(
+                    ctx,
+                    ctx.mode,
+                    ctx.has_biases,
+                    ctx.bidirectional,
+                    lengths,
+                    (input, hx, cx, *weights),
+                    (grad_output, grad_h_n, grad_c_n),
+                ),
+            )
         need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
         grad_input, grad_hx, grad_cx, grad_weights = torch.ops.rnnext.layer_backward(
             ctx.mode,
@@ -130,9 +173,17 @@ class CheckpointedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
-        _refuse_double_backward()
         lengths, input, hx, cx, *rest = ctx.saved_tensors
         weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
+        if torch.is_grad_enabled():  # create_graph=True: no checkpointing on this path
+            grads = (grad_output, grad_h_n, grad_c_n)
+            tensors = (input, hx, cx, *weights)
+            return _input_gradients(
+                ctx,
+                *_reference_gradients(
+                    ctx, ctx.mode, ctx.has_biases, False, lengths, tensors, grads
+                ),
+            )
         is_lstm = ctx.mode == "LSTM"
         segments = list(_segments(input.shape[0], ctx.every, lengths))
         n = len(segments) - 1

@@ -92,6 +92,11 @@ def _layer_sizes(
             )
         if lengths.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{op}: lengths must be int64 or int32, got {lengths.dtype}")
+        if lengths.device.type != "cpu" and lengths.device != input.device:
+            raise ValueError(
+                f"{op}: lengths must be on the CPU or on the input's device {input.device}, "
+                f"got {lengths.device}"
+            )
     return T, B, H, P, D, SAVED_WIDTH[mode] * H + (H if has_proj else 0)
 
 
@@ -126,9 +131,19 @@ def _layer_backward_fake(
     lengths,
     output_mask,
 ):
-    T, B, H, P, D, _ = _layer_sizes(
-        "rnnext.layer_backward", mode, input, weights, hx, cx, has_biases, bidirectional, lengths
+    op = "rnnext.layer_backward"
+    T, B, H, P, D, ws_row = _layer_sizes(
+        op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths
     )
+    _check_like(op, "output", output, input, (T, B, D * P))
+    _check_like(op, "workspace", workspace, input, (D, T, B, ws_row))
+    for name, t, shape in (
+        ("grad_output", grad_output, (T, B, D * P)),
+        ("grad_h_n", grad_h_n, (D, B, P)),
+        ("grad_c_n", grad_c_n, (D, B, H)),
+    ):
+        if t is not None:
+            _check_like(op, name, t, input, shape)
     need_input, need_state, need_weights = output_mask
     grad_input = input.new_empty(input.shape if need_input else (0,))
     grad_hx = input.new_empty((D, B, P) if need_state else (0,))

@@ -59,9 +59,16 @@ def recurrent_layer(
 
     Returns:
         ``output [T, B, D*P]``, ``h_n [D, B, P]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
-        for the other modes). Differentiable with respect to every tensor argument.
+        for the other modes). Differentiable with respect to every tensor argument, also
+        twice: with ``create_graph=True`` the backward runs through :mod:`rnnext.reference`.
+
+    Autocast: under ``torch.autocast("cuda", dtype)`` the layer runs in ``dtype`` (float16 or
+    bfloat16, accumulating in float) and returns ``dtype``; under ``torch.autocast("cpu")`` it
+    runs and returns float32 whatever the autocast dtype, as its CPU kernels have no half
+    types. Parameters keep their dtype and get gradients in it.
     """
     _check_device(input)
+    input, hx, cx, weights = _autocast([input, hx, cx, *weights])
     if lengths is not None:
         check_lengths(lengths, input, hx, cx)
     if checkpoint_every is not None:
@@ -116,6 +123,30 @@ def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor 
             raise ValueError(
                 f"rnnext: {name} must be [D, B = {B}, size], got shape {list(state.shape)}"
             )
+
+
+def _autocast(tensors: list[Tensor | None]) -> tuple:
+    """Under autocast, the floating tensors in the dtype rnnext runs in there: on CUDA the
+    autocast dtype (float16 or bfloat16; the kernels accumulate in float), on the CPU float32,
+    since the CPU kernels have no half types. float64 tensors are left alone, as autocast does.
+    Casting is differentiable: float32 parameters get float32 gradients."""
+    input = tensors[0]
+    device_type = input.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        target = None
+    elif device_type == "cuda":
+        target = torch.get_autocast_dtype("cuda")
+    else:
+        target = torch.float32
+    if target is not None:
+        tensors = [
+            t.to(target)
+            if t is not None and t.is_floating_point() and t.dtype not in (target, torch.float64)
+            else t
+            for t in tensors
+        ]
+    input, hx, cx, *weights = tensors
+    return input, hx, cx, weights
 
 
 def _check_device(input: Tensor) -> None:

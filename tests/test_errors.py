@@ -191,3 +191,90 @@ def test_device_without_kernels(monkeypatch):
     monkeypatch.setattr(functional, "DEVICES_WITH_KERNELS", frozenset({"meta"}))
     with raises(NotImplementedError, "no kernels for device 'cpu'", "it runs on: meta"):
         functional.recurrent_layer("GRU", x, w)
+
+
+def _forward_args(mode="LSTM"):
+    """layer_forward's tensor arguments by name, for a 2-direction layer with states."""
+    x, _ = args(mode)
+    weights = [w.detach() for w in layer_weights(mode, 3, 5, directions=2, dtype=torch.float32)]
+    states = dict(hx=torch.zeros(2, 2, 5), cx=torch.zeros(2, 2, 5))
+    return dict(input=x, weights=weights, lengths=torch.tensor([4, 2]), **states)
+
+
+def _call_forward(a, mode="LSTM"):
+    return op(mode, a["input"], a["weights"], a["hx"], a["cx"], True, True, a["lengths"], True)
+
+
+FORWARD_TENSORS = ["input", "hx", "cx"] + [f"weights[{k}]" for k in range(8)]
+
+
+def _replace(a, name, make):
+    if name.startswith("weights["):
+        k = int(name[8:-1])
+        a["weights"][k] = make(a["weights"][k])
+    else:
+        a[name] = make(a[name])
+
+
+@pytest.mark.parametrize("name", FORWARD_TENSORS)
+def test_every_forward_tensor_checks_dtype_and_device(name):
+    """Each tensor argument of layer_forward in the wrong dtype, or on another device, raises
+    an error that names it."""
+    a = _forward_args()
+    _replace(a, name, lambda t: t.int() if name == "input" else t.double())
+    expected = "input must be float32" if name == "input" else name
+    with pytest.raises(TypeError, match=re.escape(expected)):
+        _call_forward(a)
+    if name != "input":
+        a = _forward_args()
+        _replace(a, name, lambda t: t.to("meta"))
+        with raises(ValueError, name, "must be on the input's device cpu", "got meta"):
+            _call_forward(a)
+
+
+def test_lengths_on_another_device():
+    a = _forward_args()
+    a["lengths"] = torch.tensor([4, 2], device="meta")
+    with raises(ValueError, "lengths must be on the CPU or on the input's device"):
+        _call_forward(a)
+
+
+BACKWARD_TENSORS = ["output", "workspace", "grad_output", "grad_h_n", "grad_c_n"]
+
+
+@pytest.mark.parametrize("name", BACKWARD_TENSORS)
+@pytest.mark.parametrize("fault", ["dtype", "device", "shape"])
+def test_every_backward_tensor_is_checked(name, fault):
+    """Each tensor that layer_backward takes besides the forward's arguments is checked for
+    dtype, device and shape, and the error names it."""
+    a = _forward_args()
+    output, h_n, c_n, workspace = _call_forward(a)
+    extra = dict(output=output, workspace=workspace, grad_output=output, grad_h_n=h_n)
+    extra["grad_c_n"] = c_n
+    bad = {"dtype": lambda t: t.double(), "device": lambda t: t.to("meta")}
+    bad["shape"] = lambda t: t[..., :1]
+    extra[name] = bad[fault](extra[name])
+    exc = TypeError if fault == "dtype" else ValueError
+    with pytest.raises(exc, match=re.escape(name)):
+        torch.ops.rnnext.layer_backward(
+            "LSTM",
+            a["input"],
+            a["weights"],
+            a["hx"],
+            a["cx"],
+            extra["output"],
+            extra["workspace"],
+            extra["grad_output"],
+            extra["grad_h_n"],
+            extra["grad_c_n"],
+            True,
+            True,
+            a["lengths"],
+            [True, True, True],
+        )
+
+
+def test_no_time_steps():
+    x, w = args()
+    with raises(ValueError, "input must have at least one time step", "[0, 2, 3]"):
+        op("GRU", x[:0], w, None, None, True, False, None, False)

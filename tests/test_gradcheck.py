@@ -17,11 +17,8 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", VARIANTS + [dict(proj=2, bidirectional=True)], ids=str)
-def test_gradcheck(mode, variant, device):
-    if "proj" in variant and mode != "LSTM":
-        variant = dict(variant, proj=0)
+def _layer_and_inputs(mode, variant, device, checkpoint_every=None):
+    """A function of (x, h0, [c0], *weights) running the layer, and those inputs."""
     torch.manual_seed(0)
     T, B, I, H = 3, 3, 3, 2
     bidirectional, bias = variant.get("bidirectional", False), variant.get("bias", True)
@@ -43,7 +40,52 @@ def test_gradcheck(mode, variant, device):
     def layer(x, h0, *rest):
         c0, ws = (rest[0], rest[1:]) if mode == "LSTM" else (None, rest)
         return functional.recurrent_layer(
-            mode, x, ws, h0, c0, has_biases=bias, bidirectional=bidirectional, lengths=lengths
+            mode,
+            x,
+            ws,
+            h0,
+            c0,
+            has_biases=bias,
+            bidirectional=bidirectional,
+            lengths=lengths,
+            checkpoint_every=checkpoint_every,
         )
 
-    assert torch.autograd.gradcheck(layer, inputs)
+    return layer, inputs
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS + [dict(proj=2, bidirectional=True)], ids=str)
+def test_gradcheck(mode, variant, device):
+    if "proj" in variant and mode != "LSTM":
+        variant = dict(variant, proj=0)
+    assert torch.autograd.gradcheck(*_layer_and_inputs(mode, variant, device))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(bidirectional=True, lengths=[3, 1, 2]), dict(proj=2)], ids=str
+)
+def test_gradgradcheck(mode, variant, device):
+    """Second derivatives (backward with create_graph=True, then backward again)."""
+    if "proj" in variant and mode != "LSTM":
+        variant = dict(variant, proj=0)
+    assert torch.autograd.gradgradcheck(*_layer_and_inputs(mode, variant, device))
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_gradgradcheck_checkpointed(mode):
+    layer, inputs = _layer_and_inputs(mode, dict(lengths=[3, 1, 2]), "cpu", checkpoint_every=2)
+    assert torch.autograd.gradgradcheck(layer, inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_graph_gives_the_fused_gradients(mode):
+    """The twice-differentiable path's first derivatives equal the fused kernels'."""
+    layer, inputs = _layer_and_inputs(mode, dict(bidirectional=True), "cpu")
+    loss = sum((t * t).sum() for t in layer(*inputs))
+    fused = torch.autograd.grad(loss, inputs, retain_graph=True)
+    differentiable = torch.autograd.grad(loss, inputs, create_graph=True)
+    assert all(g.requires_grad for g in differentiable)
+    for a, b in zip(differentiable, fused):
+        torch.testing.assert_close(a, b)

@@ -198,10 +198,3 @@ def test_transposed_weights(mode, proj):
     (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, None, None, True, False)
     for a, b in zip(ours + our_grads, ref + ref_grads):
         torch.testing.assert_close(a, b)
-
-
-def test_double_backward_raises():
-    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    out = functional.recurrent_layer("GRU", x, layer_weights("GRU", 3, 4))[0]
-    with pytest.raises(NotImplementedError, match="create_graph=True .* is not supported"):
-        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)

@@ -25,7 +25,8 @@ struct Elman {
                                 const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* /*saved*/,
                                 int64_t /*H*/, int64_t j) {
     const T pre = xg[j] + hg[j] + b_hh[j];
-    h_out[j] = kRelu ? (pre > T(0) ? pre : T(0)) : tanh_(pre);
+    // relu written so that NaN passes through, as torch's relu does
+    h_out[j] = kRelu ? (!(pre <= T(0)) ? pre : T(0)) : tanh_(pre);
   }
 
   // dh: gradient of the loss w.r.t. h' (element j). Writes the pre-activation gradient to dgx
@@ -35,7 +36,8 @@ struct Elman {
                                  const T* /*c_prev*/, T dh, T* /*dc*/, T* dgx, T* /*dgh*/,
                                  T* /*dh_prev_direct*/, int64_t /*H*/, int64_t j) {
     const T y = h_out[j];
-    dgx[j] = kRelu ? (y > T(0) ? dh : T(0)) : dh * tanh_grad(y);
+    // (a NaN output passes the gradient on, as torch's relu backward does)
+    dgx[j] = kRelu ? (y <= T(0) ? T(0) : dh) : dh * tanh_grad(y);
   }
 };
 

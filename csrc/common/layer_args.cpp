@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 
 namespace rnnext {
@@ -105,6 +106,11 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
   s.S = saved_width(s.cell);
   s.ws_row = s.S * s.H + (s.has_proj ? s.H : 0);
   const int64_t GH = s.G * s.H;
+  // BLAS and cuBLAS take 32-bit dimensions; refuse before any work what would overflow them
+  const int64_t int32_limit = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(std::max({s.B, s.I, GH, s.P, s.ws_row}) <= int32_limit, op,
+                    ": sizes beyond 32-bit GEMM dimensions are not supported: B = ", s.B,
+                    ", I = ", s.I, ", G*H = ", GH, ", P = ", s.P, " (at most ", int32_limit, ")");
 
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor* w = weights.data() + d * per_dir;
