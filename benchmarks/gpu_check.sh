@@ -2,9 +2,10 @@
 # One-shot check on a machine with an NVIDIA GPU, using only what is installed there (no
 # network): build rnnext with its CUDA part, run the CUDA tests, run compute-sanitizer
 # memcheck on a small forward+backward of every cell, and benchmark rnnext against torch.nn
-# (cuDNN) in the same process, and profile where one forward+backward spends its GPU time.
-# Writes gpu_check.log, memcheck.log, profile.log, summary.json and
-# bench_<dtype>/bench.{json,png} into the folder given as $1, else $OUT, else
+# (cuDNN) in the same process, profile where one forward+backward spends its GPU time, and
+# run benchmarks/sequences.py on the GPU. Writes gpu_check.log, summary.json,
+# bench_<dtype>/bench.{json,png} and sequences/sequences.json into the folder given as $1,
+# else $OUT, else
 # benchmarks/results/gpu. Every stage runs even when an earlier one fails; the exit status
 # is non-zero if any failed.
 set -uo pipefail
@@ -41,16 +42,19 @@ for dtype in float32 bfloat16; do
 done
 
 stage "profile"
-timeout 120 "$PYTHON" benchmarks/cuda_profile.py >"$dest/profile.log" 2>&1
+timeout 120 "$PYTHON" benchmarks/cuda_profile.py
 rc[profile]=$?
-cat "$dest/profile.log"
+
+stage "sequences: lengths against PackedSequence, memory at T = 100000"
+timeout 240 "$PYTHON" benchmarks/sequences.py --device cuda --with-torch-memory \
+  --out "$dest/sequences"
+rc[sequences]=$?
 
 stage "compute-sanitizer memcheck"
 # without the caching allocator every tensor is its own allocation, so memcheck sees its bounds
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  "$PYTHON" benchmarks/cuda_smoke.py >"$dest/memcheck.log" 2>&1
+  "$PYTHON" benchmarks/cuda_smoke.py
 rc[memcheck]=$?
-tail -n 5 "$dest/memcheck.log"
 
 stage summary
 status_json=$(for k in "${!rc[@]}"; do printf '"%s": %s, ' "$k" "${rc[$k]}"; done)
@@ -66,6 +70,9 @@ for path in sorted(dest.glob("bench_*/bench.json")):
     for r in json.loads(path.read_text()):
         keys = ("config", "pass", "dtype", "torch_ms", "rnnext_ms", "ratio", "agree", "note")
         summary["bench"].append({k: r[k] for k in keys})
+sequences = dest / "sequences" / "sequences.json"
+if sequences.exists():
+    summary["sequences"] = json.loads(sequences.read_text())
 (dest / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary["exit_status"]))
 PY

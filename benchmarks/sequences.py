@@ -6,12 +6,13 @@ Two measurements, each in its own section of the output and of the JSON file:
   I=H=256, lengths uniform in [50, 200] by default). torch.nn runs a PackedSequence (and, for
   scale, the padded batch without lengths); rnnext runs ``lengths=`` and the same
   PackedSequence. Same weights and inputs, interleaved, best of --repeats.
-* memory: peak resident memory (ru_maxrss) and time of one forward+backward of
-  ``output.sum()`` at (T=100000, B=8, I=H=256), each configuration in a fresh process:
-  rnnext by default and with ``checkpoint_every``, and torch.nn with --with-torch-memory (it
-  needs about 14 GB and takes minutes).
+* memory: peak memory and time of one forward+backward of ``output.sum()`` at (T=100000,
+  B=8, I=H=256): rnnext by default and with ``checkpoint_every``, and torch.nn with
+  --with-torch-memory (on the CPU it needs about 14 GB and takes minutes). On the CPU the
+  peak resident memory (ru_maxrss) of a fresh process per configuration; with
+  ``--device cuda`` the peak of GPU memory allocated by torch (in-process).
 
-    python benchmarks/sequences.py [--quick] [--with-torch-memory] [--out DIR]
+    python benchmarks/sequences.py [--device cuda] [--quick] [--with-torch-memory] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,25 +32,34 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnext
 
 
-def best_of(fns: dict, repeats: int) -> dict:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fns: dict, repeats: int, device: str = "cpu") -> dict:
     """Interleaved timing of each callable; the best time of each, in ms."""
     for fn in fns.values():
         fn()  # warm-up
     times = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             times[name] = min(times[name], time.perf_counter() - start)
     return {name: t * 1e3 for name, t in times.items()}
 
 
-def lengths_case(cell: str, T: int, B: int, H: int, low: int, repeats: int) -> dict:
+def lengths_case(
+    cell: str, T: int, B: int, H: int, low: int, repeats: int, device: str = "cpu"
+) -> dict:
     torch.manual_seed(0)
-    theirs = getattr(torch.nn, cell)(H, H)
-    ours = getattr(rnnext, cell)(H, H)
+    theirs = getattr(torch.nn, cell)(H, H).to(device)
+    ours = getattr(rnnext, cell)(H, H).to(device)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(T, B, H, requires_grad=True)
+    x = torch.randn(T, B, H, device=device, requires_grad=True)
     lengths = torch.randint(low, T + 1, (B,), generator=torch.Generator().manual_seed(1))
 
     def run(module, inp, **kwargs):
@@ -76,9 +86,11 @@ def lengths_case(cell: str, T: int, B: int, H: int, low: int, repeats: int) -> d
             )(),
         },
         repeats,
+        device,
     )
     return {
         "cell": cell,
+        "device": device,
         "T": T,
         "B": B,
         "H": H,
@@ -103,6 +115,35 @@ def memory_child(cell: str, impl: str, T: int, B: int, H: int, every: int | None
     print(json.dumps({"peak_gb": peak_kib * 1024 / 1e9, "seconds": seconds}))
 
 
+def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:
+    """Peak GPU memory allocated by torch during one forward+backward, and its time."""
+    torch.manual_seed(0)
+    lib = torch.nn if impl == "torch.nn" else rnnext
+    kwargs = {} if impl == "torch.nn" else {"checkpoint_every": every}
+    module = getattr(lib, cell)(H, H, **kwargs).cuda()
+    x = torch.randn(T, B, H, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    output, _ = module(x)
+    output.sum().backward()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    return {
+        "cell": cell,
+        "impl": impl,
+        "mode": mode,
+        "T": T,
+        "B": B,
+        "H": H,
+        "device": "cuda",
+        "peak_gb": peak_gb,
+        "seconds": seconds,
+    }
+
+
 def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", cell, impl, str(T), str(B), str(H)]
     cmd += [str(every or 0)]
@@ -114,6 +155,7 @@ def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-steps", type=int, default=100_000)
@@ -136,13 +178,14 @@ def main() -> None:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         },
         "lengths": [],
         "memory": [],
     }
     print(f"forward+backward with per-sequence lengths (best of {repeats}, ms)")
     for cell in ("GRU", "LSTM"):
-        row = lengths_case(cell, T, B, H, low, repeats)
+        row = lengths_case(cell, T, B, H, low, repeats, args.device)
         report["lengths"].append(row)
         print(
             f"  {cell:4}  torch.nn packed {row['torch_packed_ms']:8.1f}  "
@@ -150,13 +193,15 @@ def main() -> None:
             f"{row['rnnext_lengths_ms']:8.1f}  packed {row['rnnext_packed_ms']:8.1f}  "
             f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
         )
-    print(f"peak memory and time of forward+backward at T={mem_T}, B=8, I=H=256")
+    where = "GPU memory allocated" if args.device == "cuda" else "resident memory"
+    print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
     for cell in ("LSTM", "GRU"):
         impls = [("rnnext", None), ("rnnext", args.checkpoint_every)]
         if args.with_torch_memory:
             impls.insert(0, ("torch.nn", None))
         for impl, every in impls:
-            row = memory_case(cell, impl, mem_T, 8, 256, every)
+            measure = cuda_memory_case if args.device == "cuda" else memory_case
+            row = measure(cell, impl, mem_T, 8, 256, every)
             report["memory"].append(row)
             print(
                 f"  {cell:4}  {impl:8} {row['mode']:22} peak {row['peak_gb']:6.2f} GB  "
