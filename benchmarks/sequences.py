@@ -124,12 +124,27 @@ def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | 
     x = torch.randn(T, B, H, device="cuda", requires_grad=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output, _ = module(x)
-    output.sum().backward()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
     mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
+    start = time.perf_counter()
+    try:
+        output, _ = module(x)
+        output.sum().backward()
+        torch.cuda.synchronize()
+    except RuntimeError as err:  # cuDNN refuses some lengths; recorded, not fatal
+        first_line = str(err).splitlines()[0]
+        return {
+            "cell": cell,
+            "impl": impl,
+            "mode": mode,
+            "T": T,
+            "B": B,
+            "H": H,
+            "device": "cuda",
+            "error": first_line,
+            "peak_gb": None,
+            "seconds": None,
+        }
+    seconds = time.perf_counter() - start
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     return {
         "cell": cell,
@@ -203,6 +218,9 @@ def main() -> None:
             measure = cuda_memory_case if args.device == "cuda" else memory_case
             row = measure(cell, impl, mem_T, 8, 256, every)
             report["memory"].append(row)
+            if row.get("error"):
+                print(f"  {cell:4}  {impl:8} {row['mode']:22} failed: {row['error']}")
+                continue
             print(
                 f"  {cell:4}  {impl:8} {row['mode']:22} peak {row['peak_gb']:6.2f} GB  "
                 f"time {row['seconds']:7.2f} s"

@@ -31,8 +31,9 @@ def test_cpu_autocast_runs_in_float32(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_autocast_runs_in_half(mode, dtype):
     """Under CUDA autocast the layer computes in the autocast dtype (the same values as the
-    module converted to it), returns it, like torch.nn; float32 parameters get float32
-    gradients."""
+    module converted to it) and returns it; float32 parameters get float32 gradients. For
+    float16 that is torch.nn's behaviour too; under bfloat16 autocast torch.nn's cuDNN path
+    computes in float16 (seen with torch 2.11), where rnnext honours the bfloat16 asked for."""
     torch.manual_seed(0)
     layer = make_module(mode, 5, 7, nn=False).cuda()
     theirs = make_module(mode, 5, 7, nn=True).cuda()
@@ -40,8 +41,9 @@ def test_cuda_autocast_runs_in_half(mode, dtype):
     x = torch.randn(4, 3, 5, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
         output = layer(x)[0]
-        expected_dtype = theirs(x)[0].dtype
-    assert output.dtype == dtype == expected_dtype
+        their_dtype = theirs(x)[0].dtype
+    assert output.dtype == dtype
+    assert their_dtype == torch.float16 or their_dtype == dtype
     half = make_module(mode, 5, 7, nn=False).cuda().to(dtype)
     half.load_state_dict(layer.state_dict())
     torch.testing.assert_close(output, half(x.to(dtype))[0])

@@ -107,6 +107,13 @@ void zero_rows(T* data, int64_t first, int64_t rows, int64_t width, int64_t ld,
              "memset");
 }
 
+// Whether some row ends before the last step (per-sequence lengths), so that rows past their
+// end need zeros.
+template <typename T>
+bool has_ended_rows(const LayerDims<T>& p) {
+  return p.steps > 0 && p.batch_sizes[p.steps - 1] < p.batch;
+}
+
 unsigned blocks_for(int64_t elements) {
   return static_cast<unsigned>((elements + kThreads - 1) / kThreads);
 }
@@ -206,6 +213,14 @@ __global__ void backward_step_kernel(BackwardParams<T> p, int64_t t, int64_t n, 
 template <typename Cell, typename T>
 void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t stream) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
+  if (has_ended_rows(p)) {
+    // Rows past their end stay zero: kernels and GEMMs write active rows only, so one fill
+    // up front replaces a fill per step.
+    zero_rows(p.output, 0, p.steps * B, P, p.ldo, stream);
+    if (p.workspace != nullptr) {
+      zero_rows(p.workspace, 0, p.steps * B, p.ws_row, p.ws_row, stream);
+    }
+  }
   int64_t block_first = 0, block_count = 0;
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
@@ -235,8 +250,6 @@ void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t s
       gemm<T, T>(blas, stream, false, true, n, P, H, cell_out, ld_cell_out, p.w_hr, H, 0, h_out,
                  p.ldo);
     }
-    zero_rows(h_out, n, B, P, p.ldo, stream);
-    if (p.workspace != nullptr) zero_rows(ws_t, n, B, p.ws_row, p.ws_row, stream);
   }
   // h_n: each row's state at its own last step, copied for runs of rows that share the source
   // step (all rows with a nonzero length in the reverse direction), h0 for empty rows.
@@ -303,6 +316,12 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
     if (s == p.steps - 1 || s % p.block_steps == p.block_steps - 1) {
       p.block_of(s, block_first, block_count);
+      if (has_ended_rows(p)) {
+        // gate gradients of rows past their end must be zero for the block GEMMs; the
+        // kernel writes active rows only
+        zero_rows(p.dgx, 0, block_count * B, GH, GH, stream);
+        if (p.dgh != p.dgx) zero_rows(p.dgh, 0, block_count * B, GH, GH, stream);
+      }
     }
     const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
     const T* ws_t = p.workspace + t * B * p.ws_row;
@@ -328,8 +347,6 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t
           p, t, n, n_cont, h_cont, ws_t, ws_prev, go_t, dcell, ld_dcell, dgx_t, dgh_t);
       check_cuda(cudaGetLastError(), "backward step kernel launch");
     }
-    zero_rows(dgx_t, n, B, GH, GH, stream);
-    if (dgh_t != dgx_t) zero_rows(dgh_t, n, B, GH, GH, stream);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
     gemm<T, acc_t<T>>(blas, stream, false, false, n, P, GH, dgh_t, GH, p.w_hh, P,
                       Cell::kDirectHiddenGrad ? 1 : 0, p.dh, P);
