@@ -77,6 +77,26 @@ def test_threads_share_one_module(mode):
             torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_repeated_calls_are_bitwise_identical(mode, device):
+    """The same inputs give bitwise-identical outputs and gradients call after call (on CUDA
+    test_cuda.py checks this under torch.use_deterministic_algorithms(True))."""
+    torch.manual_seed(1)
+    _, ours = module_pair(mode, 24, 40, dtype=torch.float32, device=device, bidirectional=True)
+    x = torch.randn(30, 16, 24, device=device)
+    lengths = torch.randint(1, 31, (16,))
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        output = ours(leaf, lengths=lengths)[0]
+        grads = torch.autograd.grad((output * output).sum(), [leaf, *ours.parameters()])
+        return [output.detach(), *grads]
+
+    first = run()
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_non_finite_input_propagates_like_torch_nn(mode, value):
