@@ -125,38 +125,16 @@ def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
+    row = {"cell": cell, "impl": impl, "mode": mode, "T": T, "B": B, "H": H, "device": "cuda"}
     start = time.perf_counter()
     try:
         output, _ = module(x)
         output.sum().backward()
         torch.cuda.synchronize()
     except RuntimeError as err:  # cuDNN refuses some lengths; recorded, not fatal
-        first_line = str(err).splitlines()[0]
-        return {
-            "cell": cell,
-            "impl": impl,
-            "mode": mode,
-            "T": T,
-            "B": B,
-            "H": H,
-            "device": "cuda",
-            "error": first_line,
-            "peak_gb": None,
-            "seconds": None,
-        }
+        return {**row, "error": str(err).splitlines()[0], "peak_gb": None, "seconds": None}
     seconds = time.perf_counter() - start
-    peak_gb = torch.cuda.max_memory_allocated() / 1e9
-    return {
-        "cell": cell,
-        "impl": impl,
-        "mode": mode,
-        "T": T,
-        "B": B,
-        "H": H,
-        "device": "cuda",
-        "peak_gb": peak_gb,
-        "seconds": seconds,
-    }
+    return {**row, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "seconds": seconds}
 
 
 def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:

@@ -64,7 +64,7 @@ def sample(model, stoi, itos, prompt: str, length: int, temperature: float, gen)
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--chars", type=int, default=400_000)
-    p.add_argument("--chunks", type=int, default=500, help="training chunks (steps)")
+    p.add_argument("--chunks", type=int, default=1500, help="training chunks (steps)")
     p.add_argument("--chunk", type=int, default=100, help="steps per chunk")
     args = p.parse_args(argv)
     chars, chunks, chunk, hidden = (

@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
             ax.axhline(1 / CLASSES, color="grey", linestyle=":", label="chance")
             ax.set(title=f"rnnext {cell.upper()}", xlabel="sequence length T", xscale="log")
             ax.set_xticks(lengths, [str(T) for T in lengths])
+            ax.minorticks_off()
         axes[0].set_ylabel("held-out accuracy")
         axes[0].legend()
         fig.suptitle("class set by a token in the first 5 steps, then distractors")

@@ -56,6 +56,19 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
   }
 }
 
+std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
+                                              const at::TensorOptions& opts) {
+  const DirectionWeights& w = s.dirs[d];
+  std::vector<at::Tensor> grads = {at::zeros(w.w_ih.sizes(), opts),
+                                   at::zeros(w.w_hh.sizes(), opts)};
+  if (s.has_biases) {
+    grads.push_back(at::zeros({s.G * s.H}, opts));
+    grads.push_back(at::zeros({s.G * s.H}, opts));
+  }
+  if (s.has_proj) grads.push_back(at::zeros(w.w_hr.sizes(), opts));
+  return grads;
+}
+
 at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
                          int64_t size, const at::TensorOptions& opts) {
   return state.has_value() ? state->select(0, d).contiguous() : at::zeros({batch, size}, opts);

@@ -68,6 +68,11 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
                          const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n);
 
+// Zeroed, contiguous gradients for direction d's weights, in the order of the op's `weights`
+// (w_ih, w_hh, then b_ih, b_hh with biases, then w_hr with a projection).
+std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
+                                              const at::TensorOptions& opts);
+
 // hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given.
 at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
                          int64_t size, const at::TensorOptions& opts);

@@ -194,19 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   // otherwise add into the same memory.
   const Tensor grad_x = need_input ? at::zeros({s.D, s.T, s.B, s.I}, opts) : Tensor();
   std::vector<std::vector<Tensor>> grad_w(s.D);
-  if (need_weights) {
-    for (int64_t d = 0; d < s.D; ++d) {
-      // contiguous whatever the weight's strides: the kernels write them row-major
-      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh}) {
-        grad_w[d].push_back(at::zeros(w.sizes(), opts));
-      }
-      if (has_biases) {
-        grad_w[d].push_back(at::zeros({GH}, opts));
-        grad_w[d].push_back(at::zeros({GH}, opts));
-      }
-      if (s.has_proj) grad_w[d].push_back(at::zeros(s.dirs[d].w_hr.sizes(), opts));
-    }
-  }
+  for (int64_t d = 0; d < s.D && need_weights; ++d) grad_w[d] = zero_weight_gradients(s, d, opts);
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
   const Tensor dh = grad_h_n.has_value() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
                                          : at::zeros({s.D, s.B, s.P}, opts);

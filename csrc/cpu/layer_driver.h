@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/time_order.h"
 #include "blas.h"
 #include "packed_gemm.h"
 
@@ -40,15 +41,13 @@ inline int64_t pointwise_grain(int64_t row_elems) {
 // before w_hr. The large input-side GEMMs run over blocks of `block_steps` steps at a time,
 // so their buffers stay bounded however long the sequence is.
 template <typename T>
-struct LayerDims {
-  int64_t steps, batch, inputs, hidden, out, gates, ws_row, ldo, block_steps;
-  int64_t m_offset;            // where m sits in a workspace row (with a projection)
-  bool reverse;                // this direction runs from the last step to the first
-  const int64_t* batch_sizes;  // [T] non-increasing active row counts
-  const int64_t* lengths;      // [B] per-row lengths, non-increasing
-  const T* x;                  // [T, B, I] the layer's input
-  const T* w_ih;               // [G*H, I]
-  const T* w_hr;               // [P, H], or null without a projection
+struct LayerDims : TimeOrder {
+  int64_t batch, inputs, hidden, out, gates, ws_row, ldo;
+  int64_t m_offset;        // where m sits in a workspace row (with a projection)
+  const int64_t* lengths;  // [B] per-row lengths, non-increasing
+  const T* x;              // [T, B, I] the layer's input
+  const T* w_ih;           // [G*H, I]
+  const T* w_hr;           // [P, H], or null without a projection
   // the right-hand operands of the per-step GEMMs: forward h @ w_hh^T and m @ w_hr^T,
   // backward dgh @ w_hh and dh' @ w_hr (only the pass's own pair is set)
   RightOperand<T> hh, hr;
@@ -56,21 +55,6 @@ struct LayerDims {
   const T* c0;  // [B, H] (cells with a cell state)
 
   bool projected() const { return w_hr != nullptr; }
-  int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
-  // Step t's rows [0, continuing(t)) take their state from the previous step in this
-  // direction's order; rows [continuing(t), batch_sizes[t]) start at t from h0 and c0.
-  int64_t continuing(int64_t t) const {
-    if (reverse) return t == steps - 1 ? 0 : batch_sizes[t + 1];
-    return t == 0 ? 0 : batch_sizes[t];
-  }
-  int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
-  // The block of steps that step s (in this direction's order) belongs to, as the time range
-  // [first, first + count).
-  void block_of(int64_t s, int64_t& first, int64_t& count) const {
-    const int64_t s0 = s - s % block_steps;
-    count = std::min(block_steps, steps - s0);
-    first = reverse ? steps - s0 - count : s0;
-  }
 };
 
 // Adds bias [N] to every row of rows [M, N] (row stride ld).

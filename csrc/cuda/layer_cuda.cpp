@@ -189,18 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   // Gradients accumulate in acc_opts (float for the half types) and convert at the end.
   const Tensor grad_x = need_input ? at::zeros({s.T, s.B, s.I}, acc_opts) : Tensor();
   std::vector<std::vector<Tensor>> grad_w(s.D);
-  if (need_weights) {
-    for (int64_t d = 0; d < s.D; ++d) {
-      for (const Tensor& w : {s.dirs[d].w_ih, s.dirs[d].w_hh}) {
-        grad_w[d].push_back(at::zeros(w.sizes(), acc_opts));
-      }
-      if (has_biases) {
-        grad_w[d].push_back(at::zeros({GH}, acc_opts));
-        grad_w[d].push_back(at::zeros({GH}, acc_opts));
-      }
-      if (s.has_proj) grad_w[d].push_back(at::zeros(s.dirs[d].w_hr.sizes(), acc_opts));
-    }
-  }
+  for (int64_t d = 0; d < s.D && need_weights; ++d)
+    grad_w[d] = zero_weight_gradients(s, d, acc_opts);
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, acc_opts);
   // dh and dc: running gradients, in: w.r.t. h_n and c_n, out: w.r.t. hx and cx
   auto running = [&](const optional<Tensor>& given, int64_t size) {

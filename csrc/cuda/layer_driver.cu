@@ -107,13 +107,6 @@ void zero_rows(T* data, int64_t first, int64_t rows, int64_t width, int64_t ld,
              "memset");
 }
 
-// Whether some row ends before the last step (per-sequence lengths), so that rows past their
-// end need zeros.
-template <typename T>
-bool has_ended_rows(const LayerDims<T>& p) {
-  return p.steps > 0 && p.batch_sizes[p.steps - 1] < p.batch;
-}
-
 unsigned blocks_for(int64_t elements) {
   return static_cast<unsigned>((elements + kThreads - 1) / kThreads);
 }
@@ -213,7 +206,7 @@ __global__ void backward_step_kernel(BackwardParams<T> p, int64_t t, int64_t n, 
 template <typename Cell, typename T>
 void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t stream) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
-  if (has_ended_rows(p)) {
+  if (p.has_ended_rows(p.batch)) {
     // Rows past their end stay zero: kernels and GEMMs write active rows only, so one fill
     // up front replaces a fill per step.
     zero_rows(p.output, 0, p.steps * B, P, p.ldo, stream);
@@ -316,7 +309,7 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
     if (s == p.steps - 1 || s % p.block_steps == p.block_steps - 1) {
       p.block_of(s, block_first, block_count);
-      if (has_ended_rows(p)) {
+      if (p.has_ended_rows(p.batch)) {
         // gate gradients of rows past their end must be zero for the block GEMMs; the
         // kernel writes active rows only
         zero_rows(p.dgx, 0, block_count * B, GH, GH, stream);

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../cells/dispatch.h"
+#include "../common/time_order.h"
 
 namespace rnnext {
 namespace cuda {
@@ -34,36 +35,20 @@ using acc_t = typename Accumulate<T>::type;
 // projection size of an LSTM with w_hr), G gates; ldo = D*P is the output's row stride. The
 // input-side GEMMs run over blocks of `block_steps` steps, so their buffers stay bounded.
 template <typename T>
-struct LayerDims {
-  int64_t steps, batch, inputs, hidden, out, gates, ws_row, ldo, block_steps;
-  int64_t m_offset;            // where m = o * tanh(c') sits in a workspace row (projection)
-  bool reverse;                // this direction runs from the last step to the first
-  const int64_t* batch_sizes;  // host [T]: rows active at each step, non-increasing
-  const int64_t* lengths;      // host [B]: per-row lengths, non-increasing
-  const T* x;                  // [T, B, I] the layer's input
-  const T* w_ih;               // [G*H, I]
-  const T* w_hh;               // [G*H, P]
-  const T* w_hr;               // [P, H], or null without a projection
-  const T* b_ih;               // [G*H] (zeros without biases)
-  const T* b_hh;               // [G*H] (zeros without biases)
-  const T* h0;                 // [B, P]
-  const T* c0;                 // [B, H] (LSTM), else null
+struct LayerDims : TimeOrder {
+  int64_t batch, inputs, hidden, out, gates, ws_row, ldo;
+  int64_t m_offset;        // where m = o * tanh(c') sits in a workspace row (projection)
+  const int64_t* lengths;  // host [B]: per-row lengths, non-increasing
+  const T* x;              // [T, B, I] the layer's input
+  const T* w_ih;           // [G*H, I]
+  const T* w_hh;           // [G*H, P]
+  const T* w_hr;           // [P, H], or null without a projection
+  const T* b_ih;           // [G*H] (zeros without biases)
+  const T* b_hh;           // [G*H] (zeros without biases)
+  const T* h0;             // [B, P]
+  const T* c0;             // [B, H] (LSTM), else null
 
   RNNEXT_HD bool projected() const { return w_hr != nullptr; }
-  RNNEXT_HD int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
-  // Step t's rows [0, continuing(t)) take their state from the previous step in this
-  // direction's order; rows [continuing(t), batch_sizes[t]) start at t from h0 and c0.
-  RNNEXT_HD int64_t continuing(int64_t t) const {
-    if (reverse) return t == steps - 1 ? 0 : batch_sizes[t + 1];
-    return t == 0 ? 0 : batch_sizes[t];
-  }
-  RNNEXT_HD int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
-  // The block of steps that step s (in this direction's order) belongs to: [first, first+count).
-  RNNEXT_HD void block_of(int64_t s, int64_t& first, int64_t& count) const {
-    const int64_t s0 = s - s % block_steps;
-    count = block_steps < steps - s0 ? block_steps : steps - s0;
-    first = reverse ? steps - s0 - count : s0;
-  }
 };
 
 template <typename T>

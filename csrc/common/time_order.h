@@ -1,0 +1,40 @@
+// The order in which one direction of a layer visits its steps, shared by every backend's time
+// loops. Framework-free (also compiles as CUDA host code).
+//
+// Per-sequence lengths: batch rows are sorted by length, longest first, so the rows active at
+// step t are a prefix [0, batch_sizes[t]) (the layout of a PackedSequence).
+#pragma once
+
+#include <cstdint>
+
+#include "../cells/common.h"
+
+namespace rnnext {
+
+struct TimeOrder {
+  int64_t steps;               // T
+  int64_t block_steps;         // steps per block of the input-side GEMMs
+  bool reverse;                // this direction runs from the last step to the first
+  const int64_t* batch_sizes;  // host [T]: rows active at each step, non-increasing
+
+  // The time index of the s-th step visited.
+  RNNEXT_HD int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  // Step t's rows [0, continuing(t)) take their state from the previous step in this
+  // direction's order; rows [continuing(t), batch_sizes[t]) start at t from h0 and c0.
+  RNNEXT_HD int64_t continuing(int64_t t) const {
+    if (reverse) return t == steps - 1 ? 0 : batch_sizes[t + 1];
+    return t == 0 ? 0 : batch_sizes[t];
+  }
+  RNNEXT_HD int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  // The block of steps that the s-th visited step belongs to, as the time range
+  // [first, first + count).
+  RNNEXT_HD void block_of(int64_t s, int64_t& first, int64_t& count) const {
+    const int64_t s0 = s - s % block_steps;
+    count = block_steps < steps - s0 ? block_steps : steps - s0;
+    first = reverse ? steps - s0 - count : s0;
+  }
+  // Whether some row ends before the last step, so that rows past their end need zeros.
+  bool has_ended_rows(int64_t batch) const { return steps > 0 && batch_sizes[steps - 1] < batch; }
+};
+
+}  // namespace rnnext
