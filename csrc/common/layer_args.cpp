@@ -69,9 +69,22 @@ std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
   return grads;
 }
 
-at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
-                         int64_t size, const at::TensorOptions& opts) {
-  return state.has_value() ? state->select(0, d).contiguous() : at::zeros({batch, size}, opts);
+DirectionTensors::DirectionTensors(const LayerShape& s, int64_t d,
+                                   const std::optional<at::Tensor>& hx,
+                                   const std::optional<at::Tensor>& cx,
+                                   const at::TensorOptions& opts) {
+  // hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given
+  auto initial = [&](const std::optional<at::Tensor>& state, int64_t size) {
+    return state.has_value() ? state->select(0, d).contiguous() : at::zeros({s.B, size}, opts);
+  };
+  const DirectionWeights& w = s.dirs[d];
+  w_ih = w.w_ih.contiguous();
+  w_hh = w.w_hh.contiguous();
+  w_hr = s.has_proj ? w.w_hr.contiguous() : at::Tensor();
+  b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
+  b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
+  h0 = initial(hx, s.P);
+  c0 = s.cell == CellKind::kLstm ? initial(cx, s.H) : at::Tensor();
 }
 
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,

@@ -73,8 +73,14 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
 std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
                                               const at::TensorOptions& opts);
 
-// hx[d] or cx[d] as a contiguous [B, size] tensor, zeros when the state is not given.
-at::Tensor initial_state(const std::optional<at::Tensor>& state, int64_t d, int64_t batch,
-                         int64_t size, const at::TensorOptions& opts);
+// One direction's weights and initial states, contiguous, with zeros for absent biases and
+// states: what every backend's loops read. w_hr and c0 are undefined without a projection or
+// a cell state.
+struct DirectionTensors {
+  at::Tensor w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0;
+
+  DirectionTensors(const LayerShape& s, int64_t d, const std::optional<at::Tensor>& hx,
+                   const std::optional<at::Tensor>& cx, const at::TensorOptions& opts);
+};
 
 }  // namespace rnnext

@@ -42,23 +42,15 @@ Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
   return packed;
 }
 
-// The tensors one direction's loops read, made contiguous, with zeros for absent ones, and
-// the packed operands of the pass's per-step GEMMs.
-struct DirectionInputs {
-  Tensor w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0, hh_packed, hr_packed;
+// The tensors one direction's loops read (DirectionTensors), and the packed operands of the
+// pass's per-step GEMMs.
+struct DirectionInputs : DirectionTensors {
+  Tensor hh_packed, hr_packed;
   bool backward;
 
   DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
                   const optional<Tensor>& cx, const at::TensorOptions& opts, bool backward_pass)
-      : backward(backward_pass) {
-    const DirectionWeights& w = s.dirs[d];
-    w_ih = w.w_ih.contiguous();
-    w_hh = w.w_hh.contiguous();
-    w_hr = s.has_proj ? w.w_hr.contiguous() : Tensor();
-    b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
-    b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
-    h0 = initial_state(hx, d, s.B, s.P, opts);
-    c0 = s.cell == CellKind::kLstm ? initial_state(cx, d, s.B, s.H, opts) : Tensor();
+      : DirectionTensors(s, d, hx, cx, opts), backward(backward_pass) {
     // forward: h @ w_hh^T and m @ w_hr^T; backward: dgh @ w_hh and dh' @ w_hr
     const int64_t GH = s.G * s.H;
     hh_packed =

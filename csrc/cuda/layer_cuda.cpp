@@ -60,26 +60,9 @@ at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// One direction's weights and initial states, contiguous, zeros for absent ones.
-struct DirectionInputs {
-  Tensor w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0;
-
-  DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
-                  const optional<Tensor>& cx, const at::TensorOptions& opts) {
-    const DirectionWeights& w = s.dirs[d];
-    w_ih = w.w_ih.contiguous();
-    w_hh = w.w_hh.contiguous();
-    w_hr = s.has_proj ? w.w_hr.contiguous() : Tensor();
-    b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
-    b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
-    h0 = initial_state(hx, d, s.B, s.P, opts);
-    c0 = s.cell == CellKind::kLstm ? initial_state(cx, d, s.B, s.H, opts) : Tensor();
-  }
-};
-
 template <typename T>
 void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
-               const DirectionInputs& in) {
+               const DirectionTensors& in) {
   p.steps = s.T;
   p.batch = s.B;
   p.inputs = s.I;
@@ -143,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnnext_layer_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         for (int64_t d = 0; d < s.D; ++d) {
-          const DirectionInputs in(s, d, hx, cx, opts);
+          const DirectionTensors in(s, d, hx, cx, opts);
           if (has_state) c_state.copy_(in.c0);
           ForwardParams<T> p;
           fill_dims(p, s, input, d, in);
@@ -208,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor ones = at::ones({steps * s.B}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
-  std::vector<DirectionInputs> inputs;
+  std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
   if (s.B > 0) {
