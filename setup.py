@@ -85,9 +85,12 @@ def _cublas_link_args() -> list[str]:
 def _extension():
     cpu_sources = _sources("rnnext.cpp", "common/*.cpp", "cpu/*.cpp")
     # -fno-math-errno and -fno-trapping-math (torch's own flags) let GCC vectorise the
-    # pointwise passes; -fopenmp-simd honours their `omp simd` loops without OpenMP itself.
+    # pointwise passes. -fopenmp is what makes at::parallel_for parallel at all: ATen's
+    # header defines INTRA_OP_PARALLEL only under _OPENMP, and without it every parallel_for
+    # compiled here runs on one thread. It links the libgomp.so.1 that torch already loads.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math"]
-    cxx_flags += ["-fopenmp-simd"]
+    cxx_flags += ["-fopenmp"]
+    link_flags = ["-fopenmp"]
     if _want_cuda():
         sources = cpu_sources + _sources("cuda/*.cpp", "cuda/*.cu")
         return cpp_extension.CUDAExtension(
@@ -98,10 +101,10 @@ def _extension():
                 "cxx": cxx_flags + _cublas_include_args(),
                 "nvcc": ["-O3"] + _cublas_include_args(),
             },
-            extra_link_args=_cublas_link_args(),
+            extra_link_args=link_flags + _cublas_link_args(),
         )
     return cpp_extension.CppExtension(
-        "rnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}
+        "rnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
     )
 
 

@@ -109,6 +109,13 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
 // inside the parallel region runs single-threaded); one direction keeps all threads for BLAS.
 template <typename F>
 void for_each_direction(int64_t directions, const F& run) {
+  if (directions == 1) {
+    // Called directly: at::parallel_for marks even a range it runs inline as a parallel
+    // region, and every parallel_for nested in one (per-step GEMMs, pointwise passes) then
+    // runs on a single thread.
+    run(0);
+    return;
+  }
   at::parallel_for(0, directions, 1, [&](int64_t d0, int64_t d1) {
     for (int64_t d = d0; d < d1; ++d) run(d);
   });
