@@ -45,14 +45,17 @@ Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
 // The tensors one direction's loops read (DirectionTensors), and the packed operands of the
 // pass's per-step GEMMs.
 struct DirectionInputs : DirectionTensors {
-  Tensor hh_packed, hr_packed;
+  Tensor ih_packed, hh_packed, hr_packed;
   bool backward;
 
   DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
                   const optional<Tensor>& cx, const at::TensorOptions& opts, bool backward_pass)
       : DirectionTensors(s, d, hx, cx, opts), backward(backward_pass) {
-    // forward: h @ w_hh^T and m @ w_hr^T; backward: dgh @ w_hh and dh' @ w_hr
+    // forward: x @ w_ih^T, h @ w_hh^T and m @ w_hr^T; backward: dgx @ w_ih, dgh @ w_hh and
+    // dh' @ w_hr
     const int64_t GH = s.G * s.H;
+    ih_packed =
+        backward ? pack_operand(w_ih, GH, s.I, false, s) : pack_operand(w_ih, s.I, GH, true, s);
     hh_packed =
         backward ? pack_operand(w_hh, GH, s.P, false, s) : pack_operand(w_hh, s.P, GH, true, s);
     hr_packed =
@@ -99,6 +102,7 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
   p.x = input.const_data_ptr<T>();
   p.w_ih = in.w_ih.const_data_ptr<T>();
   p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
+  p.ih = in.template operand<T>(in.w_ih, in.ih_packed);
   p.hh = in.template operand<T>(in.w_hh, in.hh_packed);
   p.hr = in.template operand<T>(in.w_hr, in.hr_packed);
   p.h0 = in.h0.const_data_ptr<T>();

@@ -48,9 +48,9 @@ struct LayerDims : TimeOrder {
   const T* x;              // [T, B, I] the layer's input
   const T* w_ih;           // [G*H, I]
   const T* w_hr;           // [P, H], or null without a projection
-  // the right-hand operands of the per-step GEMMs: forward h @ w_hh^T and m @ w_hr^T,
-  // backward dgh @ w_hh and dh' @ w_hr (only the pass's own pair is set)
-  RightOperand<T> hh, hr;
+  // the right-hand operands of the GEMMs: forward x @ w_ih^T, h @ w_hh^T and m @ w_hr^T,
+  // backward dgx @ w_ih, dgh @ w_hh and dh' @ w_hr (only the pass's own are set)
+  RightOperand<T> ih, hh, hr;
   const T* h0;  // [B, P]
   const T* c0;  // [B, H] (cells with a cell state)
 
@@ -113,8 +113,8 @@ void forward_direction(const ForwardParams<T>& p) {
     if (s % p.block_steps == 0) {
       // xg = x W_ih^T + b_ih for the block's steps
       p.block_of(s, block_first, block_count);
-      gemm<T>(false, true, block_count * B, GH, p.inputs, T(1), p.x + block_first * B * p.inputs,
-              p.inputs, p.w_ih, p.inputs, T(0), p.xg, GH);
+      block_gemm<T>(block_count * B, GH, p.inputs, p.x + block_first * B * p.inputs, p.inputs, p.ih,
+                    T(0), p.xg, GH);
       add_rows(p.xg, block_count * B, GH, GH, p.b_ih);
     }
     const T* xg_t = p.xg + (t - block_first) * B * GH;
@@ -214,8 +214,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   const int64_t B = p.batch, I = p.inputs, P = p.out, GH = p.gates * p.hidden;
   const int64_t rows = count * B;
   if (p.grad_x != nullptr) {
-    gemm<T>(false, false, rows, I, GH, T(1), p.dgx, GH, p.w_ih, I, T(1), p.grad_x + first * B * I,
-            I);
+    block_gemm<T>(rows, I, GH, p.dgx, GH, p.ih, T(1), p.grad_x + first * B * I, I);
   }
   if (p.grad_w_ih == nullptr) return;
   gemm<T>(true, false, GH, I, rows, T(1), p.dgx, GH, p.x + first * B * I, I, T(1), p.grad_w_ih, I);

@@ -5,6 +5,7 @@
 // (on the machines we measured, 1.6-2.3x for M <= 32). Other types go to BLAS.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -49,6 +50,25 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const R
     }
   }
   gemm<T>(false, R.transposed, M, N, K, T(1), A, lda, R.data, R.transposed ? K : N, beta, C, ldc);
+}
+
+// A large GEMM with a per-call operand (the input-side products over a block of steps): the
+// packed kernel over chunks of rows whose A part (about 512 KB) stays in cache while the
+// tiles of R stream past it, or BLAS without a packed operand.
+template <typename T>
+void block_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const RightOperand<T>& R,
+                T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (R.packed != nullptr) {
+      const int64_t chunk = std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
+      for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+        parallel_packed_gemm(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
+                             C + r0 * ldc, ldc);
+      }
+      return;
+    }
+  }
+  step_gemm<T>(M, N, K, A, lda, R, beta, C, ldc);
 }
 
 }  // namespace cpu
