@@ -21,10 +21,12 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// Batches up to this size run their per-step GEMMs on packed operands: in our measurements
-// (2-core AMD EPYC, MKL) that was 1.6-2.3x faster per step than BLAS up to 16 rows and equal
-// to 10% faster end to end at 32 and 64 rows; larger batches, unmeasured, keep BLAS. Packing
-// costs about one pass over the weight, so very short sequences skip it.
+// Batches up to this size run their GEMMs on packed operands: on a 2-core AMD EPYC with MKL
+// that was 1.6-2.3x faster per step than BLAS up to 16 rows and equal to 10% faster end to
+// end at 32 and 64 rows. Those figures were taken while the packed kernel ran on one thread
+// (before the build used -fopenmp), so the limit is probably too low now: larger batches,
+// not yet measured, keep BLAS. Packing costs about one pass over the weight, so very short
+// sequences skip it.
 constexpr int64_t kPackedMaxBatch = 64;
 constexpr int64_t kPackedMinSteps = 4;
 
