@@ -102,7 +102,6 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
   p.batch_sizes = s.batch_sizes.data();
   p.lengths = s.lengths.data();
   p.x = input.const_data_ptr<T>();
-  p.w_ih = in.w_ih.const_data_ptr<T>();
   p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
   p.ih = in.template operand<T>(in.w_ih, in.ih_packed);
   p.hh = in.template operand<T>(in.w_hh, in.hh_packed);

@@ -46,7 +46,6 @@ struct LayerDims : TimeOrder {
   int64_t m_offset;        // where m sits in a workspace row (with a projection)
   const int64_t* lengths;  // [B] per-row lengths, non-increasing
   const T* x;              // [T, B, I] the layer's input
-  const T* w_ih;           // [G*H, I]
   const T* w_hr;           // [P, H], or null without a projection
   // the right-hand operands of the GEMMs: forward x @ w_ih^T, h @ w_hh^T and m @ w_hr^T,
   // backward dgx @ w_ih, dgh @ w_hh and dh' @ w_hr (only the pass's own are set)
