@@ -56,6 +56,24 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
   }
 }
 
+LayerSizes direction_sizes(const LayerShape& s, int64_t d, int64_t block_steps) {
+  LayerSizes z;
+  z.steps = s.T;
+  z.batch = s.B;
+  z.inputs = s.I;
+  z.hidden = s.H;
+  z.out = s.P;
+  z.gates = s.G;
+  z.ws_row = s.ws_row;
+  z.ldo = s.D * s.P;
+  z.m_offset = s.S * s.H;
+  z.block_steps = block_steps;
+  z.reverse = d == 1;
+  z.batch_sizes = s.batch_sizes.data();
+  z.lengths = s.lengths.data();
+  return z;
+}
+
 std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
                                               const at::TensorOptions& opts) {
   const DirectionWeights& w = s.dirs[d];

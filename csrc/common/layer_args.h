@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../cells/dispatch.h"
+#include "layer_sizes.h"
 
 namespace rnnext {
 
@@ -67,6 +68,10 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
                          const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                          const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n);
+
+// Direction d's sizes and step order, with input-side GEMMs in blocks of block_steps steps.
+// The pointers point into s, which must outlive the result.
+LayerSizes direction_sizes(const LayerShape& s, int64_t d, int64_t block_steps);
 
 // Zeroed, contiguous gradients for direction d's weights, in the order of the op's `weights`
 // (w_ih, w_hh, then b_ih, b_hh with biases, then w_hr with a projection).

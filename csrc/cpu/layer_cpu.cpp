@@ -88,19 +88,7 @@ int64_t block_steps(const LayerShape& s) {
 template <typename T>
 void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
                const DirectionInputs& in) {
-  p.steps = s.T;
-  p.batch = s.B;
-  p.inputs = s.I;
-  p.block_steps = block_steps(s);
-  p.hidden = s.H;
-  p.out = s.P;
-  p.gates = s.G;
-  p.ws_row = s.ws_row;
-  p.ldo = s.D * s.P;
-  p.m_offset = s.S * s.H;
-  p.reverse = d == 1;
-  p.batch_sizes = s.batch_sizes.data();
-  p.lengths = s.lengths.data();
+  static_cast<LayerSizes&>(p) = direction_sizes(s, d, block_steps(s));
   p.x = input.const_data_ptr<T>();
   p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
   p.ih = in.template operand<T>(in.w_ih, in.ih_packed);

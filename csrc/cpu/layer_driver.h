@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/time_order.h"
+#include "../common/layer_sizes.h"
 #include "blas.h"
 #include "packed_gemm.h"
 
@@ -35,18 +35,13 @@ inline int64_t pointwise_grain(int64_t row_elems) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems));
 }
 
-// What both passes share. T steps, B rows, I inputs, H hidden units, P state size (H, or the
-// projection size of an LSTM with w_hr), G gates. Per step and row the workspace holds a row
-// of `ws_row` elements: the cell's saved values, then (with a projection) the cell output m
-// before w_hr. The large input-side GEMMs run over blocks of `block_steps` steps at a time,
-// so their buffers stay bounded however long the sequence is.
+// What both passes share: the sizes and step order (LayerSizes) and the operands. The large
+// input-side GEMMs run over blocks of `block_steps` steps at a time, so their buffers stay
+// bounded however long the sequence is.
 template <typename T>
-struct LayerDims : TimeOrder {
-  int64_t batch, inputs, hidden, out, gates, ws_row, ldo;
-  int64_t m_offset;        // where m sits in a workspace row (with a projection)
-  const int64_t* lengths;  // [B] per-row lengths, non-increasing
-  const T* x;              // [T, B, I] the layer's input
-  const T* w_hr;           // [P, H], or null without a projection
+struct LayerDims : LayerSizes {
+  const T* x;     // [T, B, I] the layer's input
+  const T* w_hr;  // [P, H], or null without a projection
   // the right-hand operands of the GEMMs: forward x @ w_ih^T, h @ w_hh^T and m @ w_hr^T,
   // backward dgx @ w_ih, dgh @ w_hh and dh' @ w_hr (only the pass's own are set)
   RightOperand<T> ih, hh, hr;

@@ -63,19 +63,7 @@ at::ScalarType acc_type(at::ScalarType dtype) {
 template <typename T>
 void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
                const DirectionTensors& in) {
-  p.steps = s.T;
-  p.batch = s.B;
-  p.inputs = s.I;
-  p.hidden = s.H;
-  p.out = s.P;
-  p.gates = s.G;
-  p.ws_row = s.ws_row;
-  p.ldo = s.D * s.P;
-  p.block_steps = block_steps(s);
-  p.m_offset = s.S * s.H;
-  p.reverse = d == 1;
-  p.batch_sizes = s.batch_sizes.data();
-  p.lengths = s.lengths.data();
+  static_cast<LayerSizes&>(p) = direction_sizes(s, d, block_steps(s));
   p.x = data<T>(input);
   p.w_ih = data<T>(in.w_ih);
   p.w_hh = data<T>(in.w_hh);

@@ -15,7 +15,7 @@
 #include <cstdint>
 
 #include "../cells/dispatch.h"
-#include "../common/time_order.h"
+#include "../common/layer_sizes.h"
 
 namespace rnnext {
 namespace cuda {
@@ -31,22 +31,18 @@ struct Accumulate<double> {
 template <typename T>
 using acc_t = typename Accumulate<T>::type;
 
-// What both passes share. T steps, B rows, I inputs, H hidden units, P state size (H, or the
-// projection size of an LSTM with w_hr), G gates; ldo = D*P is the output's row stride. The
+// What both passes share: the sizes and step order (LayerSizes) and the operands. The
 // input-side GEMMs run over blocks of `block_steps` steps, so their buffers stay bounded.
 template <typename T>
-struct LayerDims : TimeOrder {
-  int64_t batch, inputs, hidden, out, gates, ws_row, ldo;
-  int64_t m_offset;        // where m = o * tanh(c') sits in a workspace row (projection)
-  const int64_t* lengths;  // host [B]: per-row lengths, non-increasing
-  const T* x;              // [T, B, I] the layer's input
-  const T* w_ih;           // [G*H, I]
-  const T* w_hh;           // [G*H, P]
-  const T* w_hr;           // [P, H], or null without a projection
-  const T* b_ih;           // [G*H] (zeros without biases)
-  const T* b_hh;           // [G*H] (zeros without biases)
-  const T* h0;             // [B, P]
-  const T* c0;             // [B, H] (LSTM), else null
+struct LayerDims : LayerSizes {
+  const T* x;     // [T, B, I] the layer's input
+  const T* w_ih;  // [G*H, I]
+  const T* w_hh;  // [G*H, P]
+  const T* w_hr;  // [P, H], or null without a projection
+  const T* b_ih;  // [G*H] (zeros without biases)
+  const T* b_hh;  // [G*H] (zeros without biases)
+  const T* h0;    // [B, P]
+  const T* c0;    // [B, H] (LSTM), else null
 
   RNNEXT_HD bool projected() const { return w_hr != nullptr; }
 };

@@ -1,5 +1,5 @@
-// The order in which one direction of a layer visits its steps, shared by every backend's time
-// loops. Framework-free (also compiles as CUDA host code).
+// The sizes of one direction of one layer call and the order in which it visits its steps,
+// shared by every backend's time loops. Framework-free (also compiles as CUDA code).
 //
 // Per-sequence lengths: batch rows are sorted by length, longest first, so the rows active at
 // step t are a prefix [0, batch_sizes[t]) (the layout of a PackedSequence).
@@ -11,11 +11,16 @@
 
 namespace rnnext {
 
-struct TimeOrder {
-  int64_t steps;               // T
+// T steps, B rows, I inputs, H hidden units, P state size (H, or the projection size of an
+// LSTM with w_hr), G gates; ldo = D*P is the output's row stride. Per step and row the
+// workspace holds a row of `ws_row` elements: the cell's saved values, then (with a
+// projection) the cell output m at `m_offset`.
+struct LayerSizes {
+  int64_t steps, batch, inputs, hidden, out, gates, ws_row, ldo, m_offset;
   int64_t block_steps;         // steps per block of the input-side GEMMs
   bool reverse;                // this direction runs from the last step to the first
   const int64_t* batch_sizes;  // host [T]: rows active at each step, non-increasing
+  const int64_t* lengths;      // host [B]: per-row lengths, non-increasing
 
   // The time index of the s-th step visited.
   RNNEXT_HD int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
