@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import MODES, make_module, module_pair
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnext import functional
 
@@ -115,6 +116,39 @@ def test_non_finite_input_propagates_like_torch_nn(mode, value):
         results.append([output, *states, grad])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_past_lengths_is_never_read(mode, dtype, device):
+    """Input past each sequence's end never enters a result: with NaN there, outputs, states
+    and every gradient equal torch.nn's on a PackedSequence, which never sees the padding.
+    float32 on the CPU takes the packed GEMM kernel, float64 BLAS; the sizes span several
+    blocks of steps with rows ending inside them."""
+    torch.manual_seed(0)
+    T, B = 40, 6
+    theirs, ours = module_pair(mode, 5, 7, dtype, device, num_layers=2, bidirectional=True)
+    lengths = torch.tensor([40, 33, 33, 17, 2, 0])
+    x = torch.randn(T, B, 5, dtype=dtype, device=device)
+    x[torch.arange(T)[:, None] >= lengths[None, :]] = float("nan")
+    results = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        if module is theirs:  # torch.nn refuses length 0: run it on the other rows
+            packed = pack_padded_sequence(leaf[:, :-1], lengths[:-1], enforce_sorted=False)
+            output, state = module(packed)
+            output = pad_packed_sequence(output, total_length=T)[0]
+        else:
+            output, state = module(leaf, lengths=lengths)
+            output = output[:, :-1]
+            state = tuple(s[:, :-1] for s in state) if isinstance(state, tuple) else state[:, :-1]
+        states = state if isinstance(state, tuple) else (state,)
+        loss = output.sum() + sum(s.sum() for s in states)
+        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        results.append([output, *states, grads[0][:, :-1], *grads[1:]])
+    for want, got in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
 
 
 def test_sizes_beyond_32_bit_gemm_dimensions_are_refused():

@@ -71,6 +71,7 @@ LayerSizes direction_sizes(const LayerShape& s, int64_t d, int64_t block_steps) 
   z.reverse = d == 1;
   z.batch_sizes = s.batch_sizes.data();
   z.lengths = s.lengths.data();
+  z.row_starts = s.row_starts.data();
   return z;
 }
 
@@ -214,6 +215,8 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
       s.batch_sizes[t] = std::count_if(v, v + s.B, [t](int64_t len) { return len > t; });
     }
   }
+  s.row_starts.assign(s.T + 1, 0);
+  for (int64_t t = 0; t < s.T; ++t) s.row_starts[t + 1] = s.row_starts[t] + s.batch_sizes[t];
   return s;
 }
 

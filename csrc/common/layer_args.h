@@ -44,6 +44,10 @@ struct LayerShape {
   std::vector<DirectionWeights> dirs;
   std::vector<int64_t> lengths;      // [B] per-row lengths, longest first (T without lengths)
   std::vector<int64_t> batch_sizes;  // [T] rows active at each step
+  std::vector<int64_t> row_starts;   // [T + 1] rows active before each step, over all steps
+
+  // Whether some row ends before the last step.
+  bool has_ended_rows() const { return T > 0 && batch_sizes[T - 1] < B; }
 };
 
 // Checks the forward op's arguments and returns their sizes.

@@ -2,7 +2,9 @@
 // shared by every backend's time loops. Framework-free (also compiles as CUDA code).
 //
 // Per-sequence lengths: batch rows are sorted by length, longest first, so the rows active at
-// step t are a prefix [0, batch_sizes[t]) (the layout of a PackedSequence).
+// step t are a prefix [0, batch_sizes[t]) (the layout of a PackedSequence). A buffer over a
+// block of steps is either padded (step t's rows start at row (t - first) * B) or compact
+// (only the active rows, in time order: a PackedSequence's data).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +23,7 @@ struct LayerSizes {
   bool reverse;                // this direction runs from the last step to the first
   const int64_t* batch_sizes;  // host [T]: rows active at each step, non-increasing
   const int64_t* lengths;      // host [B]: per-row lengths, non-increasing
+  const int64_t* row_starts;   // host [T + 1]: active rows of all steps before t
 
   // The time index of the s-th step visited.
   RNNEXT_HD int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
@@ -37,6 +40,19 @@ struct LayerSizes {
     const int64_t s0 = s - s % block_steps;
     count = block_steps < steps - s0 ? block_steps : steps - s0;
     first = reverse ? steps - s0 - count : s0;
+  }
+  // Where step t's rows start in the compact layout of a block that begins at time `first`.
+  RNNEXT_HD int64_t compact_row(int64_t t, int64_t first) const {
+    return row_starts[t] - row_starts[first];
+  }
+  // The active rows of the time range [first, first + count): its compact layout's size.
+  RNNEXT_HD int64_t compact_rows(int64_t first, int64_t count) const {
+    return row_starts[first + count] - row_starts[first];
+  }
+  // Whether every row is active at every step of the time range [first, first + count): then
+  // its compact and padded layouts are the same.
+  RNNEXT_HD bool all_active(int64_t first, int64_t count) const {
+    return count == 0 || batch_sizes[first + count - 1] == batch;
   }
   // Whether some row ends before the last step, so that rows past their end need zeros.
   bool has_ended_rows(int64_t batch) const { return steps > 0 && batch_sizes[steps - 1] < batch; }

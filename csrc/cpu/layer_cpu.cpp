@@ -199,6 +199,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
   const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, opts) : Tensor();
   const Tensor go_rows = at::empty({s.D, s.B, s.P}, opts);
+  // the weight gradients' operands, gathered where rows have ended (compact layout)
+  const bool gathers = need_weights && s.has_ended_rows();
+  const Tensor x_rows = gathers ? at::empty({s.D, steps * s.B, s.I}, opts) : Tensor();
+  const Tensor h_rows = gathers ? at::empty({s.D, steps * s.B, s.P}, opts) : Tensor();
+  const Tensor m_rows = gathers && s.has_proj ? at::empty({s.D, steps * s.B, s.H}, opts) : Tensor();
   std::vector<DirectionInputs> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true);
 
@@ -237,6 +242,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.grad_h = at_d(grad_h);
       p.dm = at_d(dm);
       p.go_rows = at_d(go_rows);
+      p.x_rows = at_d(x_rows);
+      p.h_rows = at_d(h_rows);
+      p.m_rows = at_d(m_rows);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });

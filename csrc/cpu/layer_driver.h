@@ -67,11 +67,61 @@ void add_column_sums(T* sums, const T* rows, int64_t M, int64_t N, int64_t ld) {
   for (int64_t r = 0; r < M; ++r) add_rows(sums, 1, N, N, rows + r * ld);
 }
 
+// C = A @ R + beta C over the active rows of the steps [first, first + count), A and C each
+// laid out padded or compact (LayerSizes). Rows past their end are neither read nor written.
+template <typename T>
+void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t N, int64_t K,
+                     const T* A, int64_t lda, bool a_compact, const RightOperand<T>& R, T beta,
+                     T* C, int64_t ldc, bool c_compact) {
+  if (z.all_active(first, count)) {
+    block_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc);
+    return;
+  }
+  auto row = [&](int64_t t, bool compact) {
+    return compact ? z.compact_row(t, first) : (t - first) * z.batch;
+  };
+  const int64_t end = first + count;
+  if constexpr (std::is_same_v<T, float>) {
+    if (R.packed != nullptr) {
+      // steps grouped into chunks of about packed_chunk_rows rows, one thread hand-off each
+      for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
+        int64_t rows = 0;
+        while (t1 < end && rows < packed_chunk_rows(K)) rows += z.batch_sizes[t1++];
+        parallel_over_tiles(N, rows * K * kPackedTile, [&](int64_t n0, int64_t n1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
+                        C + row(t, c_compact) * ldc, ldc, n0, n1);
+          }
+        });
+      }
+      return;
+    }
+  }
+  for (int64_t t = first; t < end; ++t) {
+    step_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
+                 C + row(t, c_compact) * ldc, ldc);
+  }
+}
+
+// dst [compact rows of the steps [first, first + count), cols]: for each step t, rows
+// [0, copied) of source(t, copied), row stride ld_src, then zeros up to the step's active rows.
+template <typename T, typename Source>
+void gather_block_rows(const LayerSizes& z, int64_t first, int64_t count, int64_t cols,
+                       int64_t ld_src, const Source& source, T* dst) {
+  for (int64_t t = first; t < first + count; ++t) {
+    int64_t copied = 0;
+    const T* src = source(t, copied);
+    T* out = dst + z.compact_row(t, first) * cols;
+    for (int64_t b = 0; b < copied; ++b) std::copy_n(src + b * ld_src, cols, out + b * cols);
+    std::fill(out + copied * cols, out + z.batch_sizes[t] * cols, T(0));
+  }
+}
+
 template <typename T>
 struct ForwardParams : LayerDims<T> {
   const T* b_ih;    // [G*H] (zeros without biases)
   const T* b_hh;    // [G*H] (zeros without biases)
-  T* xg;            // [block_steps, B, G*H] scratch: the input projection of one block
+  T* xg;            // [block_steps * B, G*H] scratch: the input projection of one block, compact
   T* output;        // [T, B, ldo], this direction's P columns
   T* h_n;           // [B, P]
   T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
@@ -105,13 +155,14 @@ void forward_direction(const ForwardParams<T>& p) {
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
     if (s % p.block_steps == 0) {
-      // xg = x W_ih^T + b_ih for the block's steps
+      // xg = x W_ih^T + b_ih for the active rows of the block's steps
       p.block_of(s, block_first, block_count);
-      block_gemm<T>(block_count * B, GH, p.inputs, p.x + block_first * B * p.inputs, p.inputs, p.ih,
-                    T(0), p.xg, GH);
-      add_rows(p.xg, block_count * B, GH, GH, p.b_ih);
+      block_rows_gemm<T>(p, block_first, block_count, GH, p.inputs,
+                         p.x + block_first * B * p.inputs, p.inputs, /*a_compact=*/false, p.ih,
+                         T(0), p.xg, GH, /*c_compact=*/true);
+      add_rows(p.xg, p.compact_rows(block_first, block_count), GH, GH, p.b_ih);
     }
-    const T* xg_t = p.xg + (t - block_first) * B * GH;
+    const T* xg_t = p.xg + p.compact_row(t, block_first) * GH;
     const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
     T* h_out = p.output + t * p.batch * p.ldo;
     T* ws_t = p.workspace != nullptr ? p.workspace + t * p.batch * p.ws_row : p.step_scratch;
@@ -155,10 +206,15 @@ struct BackwardParams : LayerDims<T> {
   T* dgh_first;  // [B, G*H] out: dgh at each row's first step (pairs with h0)
   T* dh;         // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
   T* dc;         // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
-  // Scratch, one block of steps each.
-  T* dgx;      // [block_steps, B, G*H] input-side pre-activation gradients
-  T* dgh;      // [block_steps, B, G*H] hidden-side ones (may alias dgx)
-  T* grad_h;   // [block_steps, B, P] (with a projection): gradient w.r.t. h'
+  // Scratch, one block of steps each, compact.
+  T* dgx;     // [block_steps * B, G*H] input-side pre-activation gradients
+  T* dgh;     // [block_steps * B, G*H] hidden-side ones (may alias dgx)
+  T* grad_h;  // [block_steps * B, P] (with a projection): gradient w.r.t. h'
+  // The operands of the weight gradients gathered into the compact layout, for blocks where
+  // some row has ended (null when none does): x, the state each step consumed, and m.
+  T* x_rows;   // [block_steps * B, I]
+  T* h_rows;   // [block_steps * B, P]
+  T* m_rows;   // [block_steps * B, H] (with a projection)
   T* dm;       // [B, H] (with a projection): gradient w.r.t. m
   T* go_rows;  // [B, P]: a step's output gradient when its rows are strided
 };
@@ -202,33 +258,73 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
 }
 
 // The input and weight gradients of the steps [first, first + count), from their gate
-// gradients: large GEMMs over all their rows at once.
+// gradients: large GEMMs over all their active rows at once.
 template <typename T>
 void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t count) {
-  const int64_t B = p.batch, I = p.inputs, P = p.out, GH = p.gates * p.hidden;
-  const int64_t rows = count * B;
+  const int64_t B = p.batch, I = p.inputs, P = p.out, H = p.hidden, GH = p.gates * H;
+  const int64_t rows = p.compact_rows(first, count);
   if (p.grad_x != nullptr) {
-    block_gemm<T>(rows, I, GH, p.dgx, GH, p.ih, T(1), p.grad_x + first * B * I, I);
+    block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(1),
+                       p.grad_x + first * B * I, I, /*c_compact=*/false);
   }
   if (p.grad_w_ih == nullptr) return;
-  gemm<T>(true, false, GH, I, rows, T(1), p.dgx, GH, p.x + first * B * I, I, T(1), p.grad_w_ih, I);
   // Step t's hidden-side gradient pairs with the state it consumed: the previous step's output
-  // in this direction's order (zero past a row's end); h0 at a row's first step is left to the
-  // caller through dgh_first. Those first steps are t = 0 (forward) and t = T - 1 (reverse).
-  const int64_t skip_first = (!p.reverse && first == 0) ? 1 : 0;
-  const int64_t skip_last = (p.reverse && first + count == p.steps) ? 1 : 0;
-  const int64_t paired = count - skip_first - skip_last;
-  const int64_t t0 = first + skip_first;
-  gemm<T>(true, false, GH, P, paired * B, T(1), p.dgh + skip_first * B * GH, GH,
-          p.output + p.previous(t0) * B * p.ldo, p.ldo, T(1), p.grad_w_hh, P);
+  // in this direction's order. At each row's first step that is h0, left to the caller through
+  // dgh_first; those rows pair with zeros here.
+  const T* x_rows = p.x + first * B * I;
+  const T* dgh_rows = p.dgh;
+  const T* h_rows = nullptr;
+  int64_t h_count = rows, ld_h = P;
+  const T* m_rows = p.projected() ? p.workspace + first * B * p.ws_row + p.m_offset : nullptr;
+  int64_t ld_m = p.ws_row;
+  if (p.all_active(first, count)) {
+    // Padded and compact are the same: the operands are read in place. The rows' first steps
+    // are t = 0 (forward) and t = T - 1 (reverse), skipped.
+    const int64_t skip_first = (!p.reverse && first == 0) ? 1 : 0;
+    const int64_t skip_last = (p.reverse && first + count == p.steps) ? 1 : 0;
+    const int64_t t0 = first + skip_first;
+    dgh_rows += skip_first * B * GH;
+    h_count = (count - skip_first - skip_last) * B;
+    h_rows = h_count > 0 ? p.output + p.previous(t0) * B * p.ldo : nullptr;
+    ld_h = p.ldo;
+  } else {
+    gather_block_rows<T>(
+        p, first, count, I, I,
+        [&](int64_t t, int64_t& copied) {
+          copied = p.batch_sizes[t];
+          return p.x + t * B * I;
+        },
+        p.x_rows);
+    gather_block_rows<T>(
+        p, first, count, P, p.ldo,
+        [&](int64_t t, int64_t& copied) {
+          copied = p.continuing(t);
+          return copied > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
+        },
+        p.h_rows);
+    x_rows = p.x_rows;
+    h_rows = p.h_rows;
+    if (p.projected()) {
+      gather_block_rows<T>(
+          p, first, count, H, p.ws_row,
+          [&](int64_t t, int64_t& copied) {
+            copied = p.batch_sizes[t];
+            return p.workspace + t * B * p.ws_row + p.m_offset;
+          },
+          p.m_rows);
+      m_rows = p.m_rows;
+      ld_m = H;
+    }
+  }
+  gemm<T>(true, false, GH, I, rows, T(1), p.dgx, GH, x_rows, I, T(1), p.grad_w_ih, I);
+  gemm<T>(true, false, GH, P, h_count, T(1), dgh_rows, GH, h_rows, ld_h, T(1), p.grad_w_hh, P);
   if (p.grad_b_ih != nullptr) {
     add_column_sums(p.grad_b_ih, p.dgx, rows, GH, GH);
     add_column_sums(p.grad_b_hh, p.dgh, rows, GH, GH);
   }
+  // dW_hr += dh'^T m
   if (p.projected()) {
-    // dW_hr += dh'^T m, m being the last H of each workspace row
-    gemm<T>(true, false, P, p.hidden, rows, T(1), p.grad_h, P,
-            p.workspace + first * B * p.ws_row + p.m_offset, p.ws_row, T(1), p.grad_w_hr, p.hidden);
+    gemm<T>(true, false, P, H, rows, T(1), p.grad_h, P, m_rows, ld_m, T(1), p.grad_w_hr, H);
   }
 }
 
@@ -245,8 +341,9 @@ void backward_direction(const BackwardParams<T>& p) {
     const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
     const T* ws_t = p.workspace + t * B * p.ws_row;
     const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * B * p.ws_row : nullptr;
-    T* dgx_t = p.dgx + (t - block_first) * B * GH;
-    T* dgh_t = p.dgh + (t - block_first) * B * GH;
+    const int64_t row = p.compact_row(t, block_first);
+    T* dgx_t = p.dgx + row * GH;
+    T* dgh_t = p.dgh + row * GH;
 
     // this step's output gradient, as rows of unit stride
     const T* go_t = nullptr;
@@ -270,13 +367,12 @@ void backward_direction(const BackwardParams<T>& p) {
     const T* dcell = p.dh;
     int64_t ld_dcell = P;
     if (p.projected()) {
-      T* grad_h_t = p.grad_h + (t - block_first) * B * P;
+      T* grad_h_t = p.grad_h + row * P;
       for (int64_t b = 0; b < n; ++b) {
         for (int64_t j = 0; j < P; ++j) {
           grad_h_t[b * P + j] = p.dh[b * P + j] + (go_t != nullptr ? go_t[b * ld_go + j] : T(0));
         }
       }
-      std::fill(grad_h_t + n * P, grad_h_t + B * P, T(0));
       step_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
       dcell = p.dm;
       ld_dcell = H;
@@ -286,8 +382,6 @@ void backward_direction(const BackwardParams<T>& p) {
       backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
                              dgx_t, dgh_t, b0, b1);
     });
-    std::fill(dgx_t + n * GH, dgx_t + B * GH, T(0));
-    if (dgh_t != dgx_t) std::fill(dgh_t + n * GH, dgh_t + B * GH, T(0));
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
     step_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);

@@ -93,11 +93,8 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                           const float* R, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  const int64_t tiles = (N + kPackedTile - 1) / kPackedTile;
-  // at least ~64K multiply-adds per thread, or the hand-off costs more than it saves
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPackedTile));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    packed_gemm(M, N, K, A, lda, R, beta, C, ldc, t0 * kPackedTile, std::min(N, t1 * kPackedTile));
+  parallel_over_tiles(N, M * K * kPackedTile, [&](int64_t n0, int64_t n1) {
+    packed_gemm(M, N, K, A, lda, R, beta, C, ldc, n0, n1);
   });
 }
 

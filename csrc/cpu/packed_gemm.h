@@ -5,6 +5,8 @@
 // (on the machines we measured, 1.6-2.3x for M <= 32). Other types go to BLAS.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -37,8 +39,26 @@ struct RightOperand {
   const float* packed = nullptr;
 };
 
+// Calls tiles(n_begin, n_end) over ranges of the column tiles of an N-column product, split
+// among threads; macs_per_tile (the multiply-adds of one tile) decides how many threads pay.
+template <typename F>
+void parallel_over_tiles(int64_t N, int64_t macs_per_tile, const F& tiles) {
+  const int64_t count = (N + kPackedTile - 1) / kPackedTile;
+  // at least ~64K multiply-adds per thread, or the hand-off costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_tile));
+  at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
+    tiles(t0 * kPackedTile, std::min(N, t1 * kPackedTile));
+  });
+}
+
 void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                           const float* R, float beta, float* C, int64_t ldc);
+
+// Rows of A per chunk of a large packed product: about 512 KB of A, which stays in cache while
+// the tiles of R stream past it.
+inline int64_t packed_chunk_rows(int64_t K) {
+  return std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
+}
 
 template <typename T>
 void step_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const RightOperand<T>& R,
@@ -53,14 +73,14 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const R
 }
 
 // A large GEMM with a per-call operand (the input-side products over a block of steps): the
-// packed kernel over chunks of rows whose A part (about 512 KB) stays in cache while the
-// tiles of R stream past it, or BLAS without a packed operand.
+// packed kernel over chunks of rows whose A part stays in cache while the tiles of R stream
+// past it (packed_chunk_rows), or BLAS without a packed operand.
 template <typename T>
 void block_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const RightOperand<T>& R,
                 T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
     if (R.packed != nullptr) {
-      const int64_t chunk = std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
+      const int64_t chunk = packed_chunk_rows(K);
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         parallel_packed_gemm(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
                              C + r0 * ldc, ldc);

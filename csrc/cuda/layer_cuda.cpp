@@ -75,6 +75,16 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
 }
 
 // cuBLAS and the kernels index with 32-bit sizes in places; refuse what would overflow them.
+// The input with zeros past each row's end. The weight gradients' GEMMs run over every row of
+// a block (with zero gate gradients past the end), and 0 times a NaN or an infinity in the
+// caller's padding would otherwise reach them.
+Tensor zero_padding(const Tensor& input, const LayerShape& s) {
+  if (!s.has_ended_rows()) return input;
+  const Tensor lengths = at::tensor(s.lengths, at::kLong);
+  const Tensor past_end = at::arange(s.T, at::kLong).unsqueeze(1) >= lengths.unsqueeze(0);
+  return input.masked_fill(past_end.unsqueeze(2).to(input.device()), 0);
+}
+
 void check_sizes(const char* op, const LayerShape& s) {
   const int64_t limit = std::numeric_limits<int32_t>::max();
   const int64_t widest = std::max({s.G * s.H, s.I, s.P, s.ws_row});
@@ -148,7 +158,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const c10::cuda::CUDAGuard guard(input_arg.device());
   const auto [need_input, need_state, need_weights] = output_mask;
   const bool has_state = s.cell == CellKind::kLstm;
-  const Tensor input = input_arg.contiguous();
+  const Tensor input =
+      need_weights ? zero_padding(input_arg.contiguous(), s) : input_arg.contiguous();
   const Tensor out = output.contiguous();
   const Tensor workspace = workspace_arg.contiguous();
   const auto opts = input.options();
