@@ -24,6 +24,8 @@ struct Gru {
   // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
   static constexpr bool kDirectHiddenGrad = true;
   static constexpr bool kSeparateHiddenGrad = true;
+  // r multiplies W_hn h + b_hn: the n gate needs its parts apart
+  static constexpr bool kSumsGates = false;
 
   template <typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* h_prev,

@@ -23,15 +23,32 @@ struct Lstm {
   // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
   static constexpr bool kDirectHiddenGrad = false;
   static constexpr bool kSeparateHiddenGrad = false;
+  // every gate's pre-activation is xg + hg + b_hh, so a caller may sum them first
+  static constexpr bool kSumsGates = true;
 
   template <typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* /*h_prev*/,
                                 const T* c_prev, T* h_out, T* c_out, T* saved, int64_t H,
                                 int64_t j) {
-    const T i = sigmoid(xg[j] + hg[j] + b_hh[j]);
-    const T f = sigmoid(xg[H + j] + hg[H + j] + b_hh[H + j]);
-    const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b_hh[2 * H + j]);
-    const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j] + b_hh[3 * H + j]);
+    const auto pre = [&](int k) { return xg[k * H + j] + hg[k * H + j] + b_hh[k * H + j]; };
+    activate<T>(pre, c_prev, h_out, c_out, saved, H, j);
+  }
+
+  // forward from the summed pre-activations gates [4H] = xg + hg + b_hh (kSumsGates)
+  template <typename T>
+  RNNEXT_HD static void forward_summed(const T* gates, const T* c_prev, T* h_out, T* c_out,
+                                       T* saved, int64_t H, int64_t j) {
+    activate<T>([&](int k) { return gates[k * H + j]; }, c_prev, h_out, c_out, saved, H, j);
+  }
+
+  // pre(k): gate k's pre-activation at element j
+  template <typename T, typename Pre>
+  RNNEXT_HD static void activate(const Pre& pre, const T* c_prev, T* h_out, T* c_out, T* saved,
+                                 int64_t H, int64_t j) {
+    const T i = sigmoid(pre(0));
+    const T f = sigmoid(pre(1));
+    const T g = tanh_(pre(2));
+    const T o = sigmoid(pre(3));
     const T c = f * c_prev[j] + i * g;
     const T tc = tanh_(c);
     h_out[j] = o * tc;

@@ -19,14 +19,27 @@ struct Elman {
   // whether h_prev reaches h' other than through W_hh (then backward writes dh_prev_direct)
   static constexpr bool kDirectHiddenGrad = false;
   static constexpr bool kSeparateHiddenGrad = false;
+  // the gate's pre-activation is xg + hg + b_hh, so a caller may sum them first
+  static constexpr bool kSumsGates = true;
 
   template <typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* /*h_prev*/,
                                 const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* /*saved*/,
                                 int64_t /*H*/, int64_t j) {
-    const T pre = xg[j] + hg[j] + b_hh[j];
+    h_out[j] = activate(xg[j] + hg[j] + b_hh[j]);
+  }
+
+  // forward from the summed pre-activation gates [H] = xg + hg + b_hh (kSumsGates)
+  template <typename T>
+  RNNEXT_HD static void forward_summed(const T* gates, const T* /*c_prev*/, T* h_out, T* /*c_out*/,
+                                       T* /*saved*/, int64_t /*H*/, int64_t j) {
+    h_out[j] = activate(gates[j]);
+  }
+
+  template <typename T>
+  RNNEXT_HD static T activate(T pre) {
     // relu written so that NaN passes through, as torch's relu does
-    h_out[j] = kRelu ? (!(pre <= T(0)) ? pre : T(0)) : tanh_(pre);
+    return kRelu ? (!(pre <= T(0)) ? pre : T(0)) : tanh_(pre);
   }
 
   // dh: gradient of the loss w.r.t. h' (element j). Writes the pre-activation gradient to dgx

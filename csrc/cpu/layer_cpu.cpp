@@ -124,6 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const auto opts = input.options();
   const bool has_state = s.cell == CellKind::kLstm;
 
+  const bool sums_gates = cells::visit(s.cell, [](auto c) { return decltype(c)::kSumsGates; });
   Tensor output = at::empty({s.T, s.B, s.D * s.P}, opts);
   Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
   Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
@@ -131,11 +132,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
   // per-direction scratch, [D, ...], so that the directions can run concurrently
   const Tensor xg = at::empty({s.D, block_steps(s), s.B, s.G * s.H}, opts);
-  const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, opts);
+  const Tensor hg = at::empty({s.D, sums_gates ? 0 : s.B, s.G * s.H}, opts);
   const Tensor step_scratch = at::empty({s.D, need_workspace ? 0 : s.B, s.ws_row}, opts);
   std::vector<DirectionInputs> inputs;
+  std::vector<Tensor> input_bias;  // ForwardParams::b_ih
   for (int64_t d = 0; d < s.D; ++d) {
     inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/false);
+    input_bias.push_back(sums_gates ? inputs[d].b_ih + inputs[d].b_hh : inputs[d].b_ih);
     if (has_state) c_n[d].copy_(inputs[d].c0);
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_forward_cpu", [&] {
@@ -145,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       auto at_d = [d](const Tensor& t) { return t.mutable_data_ptr<T>() + d * t.stride(0); };
       ForwardParams<T> p;
       fill_dims(p, s, input, d, in);
-      p.b_ih = in.b_ih.const_data_ptr<T>();
+      p.b_ih = input_bias[d].const_data_ptr<T>();
       p.b_hh = in.b_hh.const_data_ptr<T>();
       p.xg = at_d(xg);
       p.output = output.mutable_data_ptr<T>() + d * s.P;

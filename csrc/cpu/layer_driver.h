@@ -51,30 +51,29 @@ struct LayerDims : LayerSizes {
   bool projected() const { return w_hr != nullptr; }
 };
 
-// Adds bias [N] to every row of rows [M, N] (row stride ld).
-template <typename T>
-void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
-  for (int64_t r = 0; r < M; ++r) {
-    T* row = rows + r * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) row[j] += bias[j];
-  }
-}
-
-// sums[N] += the column sums of rows [M, N] (row stride ld).
+// sums[N] += the column sums of rows [M, N] (row stride ld). Each thread sums whole columns,
+// row by row: the result does not depend on the thread count.
 template <typename T>
 void add_column_sums(T* sums, const T* rows, int64_t M, int64_t N, int64_t ld) {
-  for (int64_t r = 0; r < M; ++r) add_rows(sums, 1, N, N, rows + r * ld);
+  const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(M, 1));
+  at::parallel_for(0, N, grain, [&](int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < M; ++r) {
+      const T* row = rows + r * ld;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) sums[j] += row[j];
+    }
+  });
 }
 
-// C = A @ R + beta C over the active rows of the steps [first, first + count), A and C each
-// laid out padded or compact (LayerSizes). Rows past their end are neither read nor written.
+// C = A @ R + beta C (+ bias [N] on every row, unless null) over the active rows of the steps
+// [first, first + count), A and C each laid out padded or compact (LayerSizes). Rows past
+// their end are neither read nor written.
 template <typename T>
 void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t N, int64_t K,
                      const T* A, int64_t lda, bool a_compact, const RightOperand<T>& R, T beta,
-                     T* C, int64_t ldc, bool c_compact) {
+                     T* C, int64_t ldc, bool c_compact, const T* bias = nullptr) {
   if (z.all_active(first, count)) {
-    block_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc);
+    block_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc, bias);
     return;
   }
   auto row = [&](int64_t t, bool compact) {
@@ -90,7 +89,7 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
         parallel_over_tiles(N, rows * K * kPackedTile, [&](int64_t n0, int64_t n1) {
           for (int64_t t = t0; t < t1; ++t) {
             packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
-                        C + row(t, c_compact) * ldc, ldc, n0, n1);
+                        C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
           }
         });
       }
@@ -98,8 +97,9 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
     }
   }
   for (int64_t t = first; t < end; ++t) {
-    step_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
-                 C + row(t, c_compact) * ldc, ldc);
+    T* c = C + row(t, c_compact) * ldc;
+    step_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta, c, ldc);
+    if (bias != nullptr) add_rows(c, z.batch_sizes[t], N, ldc, bias);
   }
 }
 
@@ -119,15 +119,17 @@ void gather_block_rows(const LayerSizes& z, int64_t first, int64_t count, int64_
 
 template <typename T>
 struct ForwardParams : LayerDims<T> {
-  const T* b_ih;    // [G*H] (zeros without biases)
+  const T* b_ih;    // [G*H] the input projection's bias: b_ih, plus b_hh when the cell sums
+                    // its gates (Cell::kSumsGates); zeros without biases
   const T* b_hh;    // [G*H] (zeros without biases)
-  T* xg;            // [block_steps * B, G*H] scratch: the input projection of one block, compact
+  T* xg;            // [block_steps * B, G*H] scratch: the input projection of one block, compact;
+                    // with kSumsGates each step adds h W_hh^T to its rows
   T* output;        // [T, B, ldo], this direction's P columns
   T* h_n;           // [B, P]
   T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
   T* workspace;     // [T, B, ws_row] for backward, or null when backward will not run
   T* step_scratch;  // [B, ws_row], every step's workspace row when workspace is null
-  T* hg;            // [B, G*H] scratch: W_hh h of the current step
+  T* hg;            // [B, G*H] scratch: W_hh h of the current step (cells without kSumsGates)
 };
 
 // One step's fused pointwise forward over rows [b0, b1): gates, new state, saved values.
@@ -138,13 +140,18 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, in
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* xg = xg_t + b * GH;
-    const T* hg = p.hg + b * GH;
-    const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
     T* c = Cell::kHasCellState ? p.c_state + b * H : nullptr;  // updated in place
     T* out = cell_out + b * ld_cell_out;
     T* ws = ws_t + b * p.ws_row;
+    if constexpr (Cell::kSumsGates) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+      for (int64_t j = 0; j < H; ++j) Cell::forward_summed(xg, c, out, c, ws, H, j);
+    } else {
+      const T* hg = p.hg + b * GH;
+      const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+    }
   }
 }
 
@@ -159,10 +166,9 @@ void forward_direction(const ForwardParams<T>& p) {
       p.block_of(s, block_first, block_count);
       block_rows_gemm<T>(p, block_first, block_count, GH, p.inputs,
                          p.x + block_first * B * p.inputs, p.inputs, /*a_compact=*/false, p.ih,
-                         T(0), p.xg, GH, /*c_compact=*/true);
-      add_rows(p.xg, p.compact_rows(block_first, block_count), GH, GH, p.b_ih);
+                         T(0), p.xg, GH, /*c_compact=*/true, p.b_ih);
     }
-    const T* xg_t = p.xg + p.compact_row(t, block_first) * GH;
+    T* xg_t = p.xg + p.compact_row(t, block_first) * GH;
     const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
     T* h_out = p.output + t * p.batch * p.ldo;
     T* ws_t = p.workspace != nullptr ? p.workspace + t * p.batch * p.ws_row : p.step_scratch;
@@ -170,8 +176,11 @@ void forward_direction(const ForwardParams<T>& p) {
     T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
     const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
 
-    step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, T(0), p.hg, GH);
-    step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, T(0), p.hg + n_cont * GH, GH);
+    // h W_hh^T, added onto the input projection when the cell sums its gates
+    T* hg = Cell::kSumsGates ? xg_t : p.hg;
+    const T beta = Cell::kSumsGates ? T(1) : T(0);
+    step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
+    step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
     });
@@ -320,7 +329,8 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   gemm<T>(true, false, GH, P, h_count, T(1), dgh_rows, GH, h_rows, ld_h, T(1), p.grad_w_hh, P);
   if (p.grad_b_ih != nullptr) {
     add_column_sums(p.grad_b_ih, p.dgx, rows, GH, GH);
-    add_column_sums(p.grad_b_hh, p.dgh, rows, GH, GH);
+    // where the gate gradients are one (dgh aliases dgx), backward_direction copies the sums
+    if (p.dgh != p.dgx) add_column_sums(p.grad_b_hh, p.dgh, rows, GH, GH);
   }
   // dW_hr += dh'^T m
   if (p.projected()) {
@@ -387,6 +397,7 @@ void backward_direction(const BackwardParams<T>& p) {
     step_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
     if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count);
   }
+  if (p.grad_b_hh != nullptr && p.dgh == p.dgx) std::copy_n(p.grad_b_ih, GH, p.grad_b_hh);
 }
 
 }  // namespace cpu

@@ -25,10 +25,11 @@ inline int64_t packed_ld(int64_t n) {
 // (transposed = true) or src itself, [K, N] row-major.
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst);
 
-// C[M, N] = A[M, K] @ R + beta C for the columns [n_begin, n_end) (n_begin a multiple of the
-// tile; n_end one too, or N).
+// C[M, N] = A[M, K] @ R + beta C (+ bias [N] on every row, unless null) for the columns
+// [n_begin, n_end) (n_begin a multiple of the tile; n_end one too, or N).
 void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end);
+                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const float* bias = nullptr);
 
 // The right-hand operand of a per-step GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
 // `transposed`; `packed` its packed copy (float only; null to use BLAS).
@@ -52,7 +53,8 @@ void parallel_over_tiles(int64_t N, int64_t macs_per_tile, const F& tiles) {
 }
 
 void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* R, float beta, float* C, int64_t ldc);
+                          const float* R, float beta, float* C, int64_t ldc,
+                          const float* bias = nullptr);
 
 // Rows of A per chunk of a large packed product: about 512 KB of A, which stays in cache while
 // the tiles of R stream past it.
@@ -72,23 +74,38 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const R
   gemm<T>(false, R.transposed, M, N, K, T(1), A, lda, R.data, R.transposed ? K : N, beta, C, ldc);
 }
 
-// A large GEMM with a per-call operand (the input-side products over a block of steps): the
-// packed kernel over chunks of rows whose A part stays in cache while the tiles of R stream
-// past it (packed_chunk_rows), or BLAS without a packed operand.
+// Adds bias [N] to every row of rows [M, N] (row stride ld).
+template <typename T>
+void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       T* row = rows + r * ld;
+#pragma omp simd
+                       for (int64_t j = 0; j < N; ++j) row[j] += bias[j];
+                     }
+                   });
+}
+
+// A large GEMM with a per-call operand (the input-side products over a block of steps), plus
+// bias [N] on every row unless null: the packed kernel over chunks of rows whose A part stays
+// in cache while the tiles of R stream past it (packed_chunk_rows), or BLAS without a packed
+// operand.
 template <typename T>
 void block_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const RightOperand<T>& R,
-                T beta, T* C, int64_t ldc) {
+                T beta, T* C, int64_t ldc, const T* bias = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     if (R.packed != nullptr) {
       const int64_t chunk = packed_chunk_rows(K);
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         parallel_packed_gemm(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
-                             C + r0 * ldc, ldc);
+                             C + r0 * ldc, ldc, bias);
       }
       return;
     }
   }
   step_gemm<T>(M, N, K, A, lda, R, beta, C, ldc);
+  if (bias != nullptr) add_rows(C, M, N, ldc, bias);
 }
 
 }  // namespace cpu
