@@ -132,11 +132,12 @@ struct ForwardParams : LayerDims<T> {
   T* hg;            // [B, G*H] scratch: W_hh h of the current step (cells without kSumsGates)
 };
 
-// One step's fused pointwise forward over rows [b0, b1): gates, new state, saved values.
+// One step's fused pointwise forward over rows [b0, b1) and hidden units [j0, j1): gates, new
+// state, saved values.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, int64_t n_cont,
                                     const T* h_cont, T* cell_out, int64_t ld_cell_out, T* ws_t,
-                                    int64_t b0, int64_t b1) {
+                                    int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* xg = xg_t + b * GH;
@@ -145,13 +146,43 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, in
     T* ws = ws_t + b * p.ws_row;
     if constexpr (Cell::kSumsGates) {
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) Cell::forward_summed(xg, c, out, c, ws, H, j);
+      for (int64_t j = j0; j < j1; ++j) Cell::forward_summed(xg, c, out, c, ws, H, j);
     } else {
       const T* hg = p.hg + b * GH;
       const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+      for (int64_t j = j0; j < j1; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
     }
+  }
+}
+
+// A forward step's hg = h W_hh^T + beta hg (rows [0, n_cont) from h_cont, the rest from h0)
+// and pointwise pass, split by hidden units where it can: each thread takes chunks of 32 units,
+// multiplies those units' columns of every gate (a column tile each) and runs the pointwise
+// pass over them right away. The step hands work to the threads once rather than twice, and
+// the pointwise pass runs in parallel however few rows there are. Needs the packed float
+// kernel and H a multiple of the tile; returns false, having done nothing, otherwise.
+template <typename T, typename Pointwise>
+bool step_by_units(const LayerDims<T>& p, int64_t n, int64_t n_cont, const T* h_cont, T beta, T* hg,
+                   const Pointwise& pointwise) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const int64_t H = p.hidden, P = p.out, GH = p.gates * H;
+    if (p.hh.packed == nullptr || H % kPackedTile != 0) return false;
+    const int64_t macs_per_chunk = n * P * p.gates * kPackedTile;
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_chunk));
+    at::parallel_for(0, H / kPackedTile, grain, [&](int64_t c0, int64_t c1) {
+      const int64_t j0 = c0 * kPackedTile, j1 = c1 * kPackedTile;
+      for (int64_t k = 0; k < p.gates; ++k) {
+        packed_gemm(n_cont, GH, P, h_cont, p.ldo, p.hh.packed, beta, hg, GH, k * H + j0,
+                    k * H + j1);
+        packed_gemm(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh.packed, beta, hg + n_cont * GH,
+                    GH, k * H + j0, k * H + j1);
+      }
+      pointwise(int64_t{0}, n, j0, j1);
+    });
+    return true;
   }
 }
 
@@ -179,11 +210,15 @@ void forward_direction(const ForwardParams<T>& p) {
     // h W_hh^T, added onto the input projection when the cell sums its gates
     T* hg = Cell::kSumsGates ? xg_t : p.hg;
     const T beta = Cell::kSumsGates ? T(1) : T(0);
-    step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
-    step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
-    at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1);
-    });
+    auto pointwise = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+      forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1, j0, j1);
+    };
+    if (!step_by_units(p, n, n_cont, h_cont, beta, hg, pointwise)) {
+      step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
+      step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
+      at::parallel_for(0, n, pointwise_grain(GH),
+                       [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
+    }
     if (p.projected()) {
       step_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
     }
@@ -228,13 +263,15 @@ struct BackwardParams : LayerDims<T> {
   T* go_rows;  // [B, P]: a step's output gradient when its rows are strided
 };
 
-// One step's fused pointwise backward over rows [b0, b1): gate gradients, the direct part of
-// dh_prev (written over dh in place) and dc (in place). go_t rows have stride ld_go.
+// One step's fused pointwise backward over rows [b0, b1) and hidden units [j0, j1): gate
+// gradients, the direct part of dh_prev (written over dh in place) and dc (in place). go_t rows
+// have stride ld_go.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
                                      const T* h_cont, const T* ws_t, const T* ws_prev,
                                      const T* go_t, int64_t ld_go, const T* dcell, int64_t ld_dcell,
-                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1) {
+                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1, int64_t j0,
+                                     int64_t j1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
@@ -253,7 +290,7 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
     auto run = [&](auto with_go) {
       const T* go = with_go ? go_t + b * ld_go : nullptr;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = j0; j < j1; ++j) {
         const T g = with_go ? dout[j] + go[j] : dout[j];
         Cell::backward(ws, cell_out, h_prev, c_prev, g, dc, dgx, dgh, dh, H, j);
       }
@@ -390,7 +427,7 @@ void backward_direction(const BackwardParams<T>& p) {
     }
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
-                             dgx_t, dgh_t, b0, b1);
+                             dgx_t, dgh_t, b0, b1, 0, H);
     });
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs

@@ -17,6 +17,10 @@ inline Vec16 load16(const float* p) {
   return *reinterpret_cast<const Vec16Unaligned*>(p);
 }
 
+inline void store16(float* p, Vec16 v) {
+  *reinterpret_cast<Vec16Unaligned*>(p) = v;
+}
+
 // Rows [0, MB) of A times one column tile of R (32 columns, `valid` of them real).
 template <int MB>
 inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64_t lda,
@@ -31,6 +35,23 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
       lo[i] += a * r_lo;
       hi[i] += a * r_hi;
     }
+  }
+  if (valid == kPackedTile) {
+    // a whole tile: vector stores (a partial one goes through a row on the stack below)
+    for (int i = 0; i < MB; ++i) {
+      float* c = C + i * ldc;
+      if (bias != nullptr) {
+        lo[i] += load16(bias);
+        hi[i] += load16(bias + 16);
+      }
+      if (beta != 0.f) {
+        lo[i] += beta * load16(c);
+        hi[i] += beta * load16(c + 16);
+      }
+      store16(c, lo[i]);
+      store16(c + 16, hi[i]);
+    }
+    return;
   }
   for (int i = 0; i < MB; ++i) {
     float row[kPackedTile];
