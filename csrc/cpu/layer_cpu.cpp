@@ -74,13 +74,16 @@ struct DirectionInputs : DirectionTensors {
   }
 };
 
-// Steps per block of the input-side GEMMs: blocks of about 2^22 gate values (16 MB in float)
-// keep buffers bounded for long sequences, while each block still has enough rows (at least
-// 256) for BLAS to run at full speed. RNNEXT_CPU_BLOCK_STEPS overrides it (tests use it to
-// cover many blocks with small sizes).
+// Steps per block of the input-side GEMMs: blocks of about 2^19 gate values (2 MB in float),
+// so that a block's input projection (forward) or gate gradients (backward) are still in
+// cache when the steps read them and the block GEMMs run, while each block keeps enough rows
+// (at least 256) for the weight-gradient GEMMs to run at full speed. Measured here against
+// blocks of 16 MB: 2-4% faster on one thread, 3-7% on two. It also bounds the buffers of long
+// sequences. RNNEXT_CPU_BLOCK_STEPS overrides it (tests use it to cover many blocks with
+// small sizes).
 int64_t block_steps(const LayerShape& s) {
   int64_t steps =
-      std::max<int64_t>(256, (int64_t{1} << 22) / (s.G * s.H)) / std::max<int64_t>(s.B, 1);
+      std::max<int64_t>(256, (int64_t{1} << 19) / (s.G * s.H)) / std::max<int64_t>(s.B, 1);
   if (const char* env = std::getenv("RNNEXT_CPU_BLOCK_STEPS")) steps = std::atoll(env);
   return std::clamp<int64_t>(steps, 1, s.T);
 }

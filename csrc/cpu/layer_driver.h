@@ -108,13 +108,16 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
 template <typename T, typename Source>
 void gather_block_rows(const LayerSizes& z, int64_t first, int64_t count, int64_t cols,
                        int64_t ld_src, const Source& source, T* dst) {
-  for (int64_t t = first; t < first + count; ++t) {
-    int64_t copied = 0;
-    const T* src = source(t, copied);
-    T* out = dst + z.compact_row(t, first) * cols;
-    for (int64_t b = 0; b < copied; ++b) std::copy_n(src + b * ld_src, cols, out + b * cols);
-    std::fill(out + copied * cols, out + z.batch_sizes[t] * cols, T(0));
-  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, z.batch * cols));
+  at::parallel_for(first, first + count, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t copied = 0;
+      const T* src = source(t, copied);
+      T* out = dst + z.compact_row(t, first) * cols;
+      for (int64_t b = 0; b < copied; ++b) std::copy_n(src + b * ld_src, cols, out + b * cols);
+      std::fill(out + copied * cols, out + z.batch_sizes[t] * cols, T(0));
+    }
+  });
 }
 
 template <typename T>
