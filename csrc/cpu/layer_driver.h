@@ -73,7 +73,7 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
                      const T* A, int64_t lda, bool a_compact, const RightOperand<T>& R, T beta,
                      T* C, int64_t ldc, bool c_compact, const T* bias = nullptr) {
   if (z.all_active(first, count)) {
-    block_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc, bias);
+    weight_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc, bias);
     return;
   }
   auto row = [&](int64_t t, bool compact) {
@@ -97,9 +97,8 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
     }
   }
   for (int64_t t = first; t < end; ++t) {
-    T* c = C + row(t, c_compact) * ldc;
-    step_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta, c, ldc);
-    if (bias != nullptr) add_rows(c, z.batch_sizes[t], N, ldc, bias);
+    weight_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
+                   C + row(t, c_compact) * ldc, ldc, bias);
   }
 }
 
@@ -172,7 +171,10 @@ bool step_by_units(const LayerDims<T>& p, int64_t n, int64_t n_cont, const T* h_
     return false;
   } else {
     const int64_t H = p.hidden, P = p.out, GH = p.gates * H;
-    if (p.hh.packed == nullptr || H % kPackedTile != 0) return false;
+    // (more rows than a chunk would stream A from memory once per unit chunk)
+    if (p.hh.packed == nullptr || H % kPackedTile != 0 || n > packed_chunk_rows(p.out)) {
+      return false;
+    }
     const int64_t macs_per_chunk = n * P * p.gates * kPackedTile;
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_chunk));
     at::parallel_for(0, H / kPackedTile, grain, [&](int64_t c0, int64_t c1) {
@@ -217,13 +219,13 @@ void forward_direction(const ForwardParams<T>& p) {
       forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1, j0, j1);
     };
     if (!step_by_units(p, n, n_cont, h_cont, beta, hg, pointwise)) {
-      step_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
-      step_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
+      weight_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
+      weight_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
       at::parallel_for(0, n, pointwise_grain(GH),
                        [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
     }
     if (p.projected()) {
-      step_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
+      weight_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
     }
     for (int64_t b = n; b < p.batch; ++b) std::fill_n(h_out + b * p.ldo, P, T(0));
     if (p.workspace != nullptr) std::fill(ws_t + n * p.ws_row, ws_t + p.batch * p.ws_row, T(0));
@@ -423,7 +425,7 @@ void backward_direction(const BackwardParams<T>& p) {
           grad_h_t[b * P + j] = p.dh[b * P + j] + (go_t != nullptr ? go_t[b * ld_go + j] : T(0));
         }
       }
-      step_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
+      weight_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
       dcell = p.dm;
       ld_dcell = H;
       go_t = nullptr;
@@ -434,7 +436,7 @@ void backward_direction(const BackwardParams<T>& p) {
     });
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-    step_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
+    weight_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
     if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count);
   }
   if (p.grad_b_hh != nullptr && p.dgh == p.dgx) std::copy_n(p.grad_b_ih, GH, p.grad_b_hh);
