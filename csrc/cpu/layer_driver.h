@@ -268,15 +268,13 @@ struct BackwardParams : LayerDims<T> {
   T* go_rows;  // [B, P]: a step's output gradient when its rows are strided
 };
 
-// One step's fused pointwise backward over rows [b0, b1) and hidden units [j0, j1): gate
-// gradients, the direct part of dh_prev (written over dh in place) and dc (in place). go_t rows
-// have stride ld_go.
+// One step's fused pointwise backward over rows [b0, b1): gate gradients, the direct part of
+// dh_prev (written over dh in place) and dc (in place). go_t rows have stride ld_go.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
                                      const T* h_cont, const T* ws_t, const T* ws_prev,
                                      const T* go_t, int64_t ld_go, const T* dcell, int64_t ld_dcell,
-                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1, int64_t j0,
-                                     int64_t j1) {
+                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
@@ -295,7 +293,7 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
     auto run = [&](auto with_go) {
       const T* go = with_go ? go_t + b * ld_go : nullptr;
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t j = 0; j < H; ++j) {
         const T g = with_go ? dout[j] + go[j] : dout[j];
         Cell::backward(ws, cell_out, h_prev, c_prev, g, dc, dgx, dgh, dh, H, j);
       }
@@ -432,7 +430,7 @@ void backward_direction(const BackwardParams<T>& p) {
     }
     at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
       backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
-                             dgx_t, dgh_t, b0, b1, 0, H);
+                             dgx_t, dgh_t, b0, b1);
     });
     std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
