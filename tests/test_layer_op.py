@@ -23,6 +23,35 @@ def run_both(mode, x, weights, h0, c0, bias, bidirectional, lengths=None):
     return results
 
 
+def assert_float32_matches(mode, x, weights, h0, bidirectional, lengths):
+    """rnnext in float32 against the float64 reference, the exact answer: ours may differ from
+    it by a few times the float32 reference's own error, plus a few float32 ulps of the
+    result's scale. Outputs, states and the gradients of x, h0 and every weight."""
+    (ours, our_grads), (ref, ref_grads) = run_both(
+        mode, x, weights, h0, None, True, bidirectional, lengths
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (x, h0, *weights) if t is not None]
+    exact_h0 = leaves[1] if h0 is not None else None
+    exact_weights = leaves[2:] if h0 is not None else leaves[1:]
+    exact = reference.recurrent_layer(
+        mode,
+        leaves[0],
+        exact_weights,
+        exact_h0,
+        None,
+        bidirectional=bidirectional,
+        lengths=lengths,
+    )
+    exact_grads = torch.autograd.grad(weighted_loss(*exact), leaves)
+    for a, b, e in zip(ours + our_grads, ref + ref_grads, exact + exact_grads):
+        assert a.dtype == torch.float32 and a.shape == e.shape
+        if e.numel() == 0:
+            continue
+        float32_error = (b.double() - e).abs().max().item()
+        ulps = 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert (a.double() - e).abs().max().item() <= 4 * float32_error + ulps
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -78,82 +107,25 @@ def test_lengths_and_projection_match_reference(mode, bidirectional, proj, lengt
 
 @pytest.mark.parametrize("block_steps", ["1", "3", "4"])
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 3)], ids=str)
-def test_blocked_input_gemms(mode, proj, block_steps, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
     """Long sequences run their input-side GEMMs in blocks of steps: many blocks, with a
-    partial last one, both directions and lengths, give the reference's results."""
+    partial last one, both directions and lengths (which make the blocks' buffers compact),
+    give the reference's results; float64 through BLAS, float32 through the packed kernel."""
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", block_steps)
     torch.manual_seed(4)
     T, B, I, H = 11, 4, 3, 5
-    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
-    weights = layer_weights(mode, I, H, directions=2, proj=proj)
-    h0 = torch.randn(2, B, proj or H, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    weights = layer_weights(mode, I, H, directions=2, proj=proj, dtype=dtype)
+    h0 = torch.randn(2, B, proj or H, dtype=dtype, requires_grad=True)
     lengths = torch.tensor([11, 6, 0, 9])
     for lens in (None, lengths):
+        if dtype == torch.float32:
+            assert_float32_matches(mode, x, weights, h0, True, lens)
+            continue
         (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, True, lens)
         for a, b in zip(ours + our_grads, ref + ref_grads):
             torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_expanded_output_gradient(mode, device):
-    """The gradient of output.sum() arrives expanded (stride 0); it is read in place."""
-    x = torch.randn(7, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
-    weights = layer_weights(mode, 4, 5, device=device)
-    ours = torch.autograd.grad(functional.recurrent_layer(mode, x, weights)[0].sum(), x)
-    ref = torch.autograd.grad(reference.recurrent_layer(mode, x, weights)[0].sum(), x)
-    torch.testing.assert_close(ours, ref)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_non_contiguous_input_and_state(mode, device):
-    torch.manual_seed(1)
-    T, B, I, H = 6, 3, 5, 4
-    opts = dict(dtype=torch.float64, device=device)
-    # batch-major storage seen time-major, and every other feature: both non-contiguous
-    x = torch.randn(B, T, 2 * I, **opts).transpose(0, 1)[:, :, ::2].requires_grad_()
-    h0 = torch.randn(1, B, 2 * H, **opts)[:, :, ::2].requires_grad_()
-    assert not x.is_contiguous() and not h0.is_contiguous()
-    weights = layer_weights(mode, I, H, **opts)
-    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, False)
-    for a, b in zip(ours + our_grads, ref + ref_grads):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_gradients_only_where_needed(mode, device):
-    """Frozen weights and a constant input get no gradient; the state still does."""
-    opts = dict(dtype=torch.float64, device=device)
-    x = torch.randn(4, 2, 3, **opts)
-    weights = [w.detach() for w in layer_weights(mode, 3, 5, **opts)]
-    h0 = torch.randn(1, 2, 5, **opts, requires_grad=True)
-    weighted_loss(*functional.recurrent_layer(mode, x, weights, h0)).backward()
-    assert all(w.grad is None for w in weights) and x.grad is None
-    ref_h0 = h0.detach().requires_grad_()
-    weighted_loss(*reference.recurrent_layer(mode, x, weights, ref_h0)).backward()
-    torch.testing.assert_close(h0.grad, ref_h0.grad)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_no_grad_forward_matches(mode, device):
-    opts = dict(dtype=torch.float64, device=device)
-    x = torch.randn(5, 3, 4, **opts)
-    weights = layer_weights(mode, 4, 6, **opts)
-    with torch.no_grad():
-        ours = functional.recurrent_layer(mode, x, weights)
-        ref = reference.recurrent_layer(mode, x, weights)
-    assert not ours[0].requires_grad
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_float32_matches_reference(mode, device):
-    torch.manual_seed(2)
-    x = torch.randn(20, 4, 16, device=device, requires_grad=True)
-    weights = layer_weights(mode, 16, 32, dtype=torch.float32, device=device)
-    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, None, None, True, False)
-    for a, b in zip(ours + our_grads, ref + ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 11)], ids=str)
@@ -172,23 +144,7 @@ def test_float32_packed_kernel(mode, proj, batch, H, bidirectional, device):
     D = 2 if bidirectional else 1
     weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=torch.float32, device=device)
     lengths = torch.randint(0, T + 1, (batch,))
-    (ours, our_grads), (ref, ref_grads) = run_both(
-        mode, x, weights, None, None, True, bidirectional, lengths
-    )
-    # The float64 reference is the exact answer; ours may differ from it by a few times the
-    # float32 reference's own error, plus a few float32 ulps of the result's scale.
-    leaves = [t.detach().double().requires_grad_() for t in (x, *weights)]
-    exact = reference.recurrent_layer(
-        mode, leaves[0], leaves[1:], None, None, bidirectional=bidirectional, lengths=lengths
-    )
-    exact_grads = torch.autograd.grad(weighted_loss(*exact), leaves)
-    for a, b, e in zip(ours + our_grads, ref + ref_grads, exact + exact_grads):
-        assert a.dtype == torch.float32 and a.shape == e.shape
-        if e.numel() == 0:
-            continue
-        float32_error = (b.double() - e).abs().max().item()
-        ulps = 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
-        assert (a.double() - e).abs().max().item() <= 4 * float32_error + ulps
+    assert_float32_matches(mode, x, weights, None, bidirectional, lengths)
 
 
 @pytest.mark.parametrize("mode", MODES)
