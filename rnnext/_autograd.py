@@ -65,7 +65,22 @@ def _reference_gradients(ctx, mode, has_biases, bidirectional, lengths, tensors,
     return result[0], result[1], result[2], result[3:]
 
 
-class LayerFunction(torch.autograd.Function):
+class _PositionalFunction(torch.autograd.Function):
+    """An autograd.Function called with positional arguments only, whose forward has no
+    defaults. torch's Function.apply binds the arguments to forward's signature through
+    `inspect` on every call (about 50 microseconds, most of a small layer's Python overhead);
+    for such a call that binding changes nothing, so apply skips it outside functorch
+    transforms."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+
+class LayerFunction(_PositionalFunction):
     """One recurrent layer.
 
     Inputs: (mode, has_biases, bidirectional, lengths, input, hx, cx, *weights); returns
@@ -133,7 +148,7 @@ def _segments(steps: int, every: int, lengths):
         yield start, stop, seg_lengths
 
 
-class CheckpointedLayerFunction(torch.autograd.Function):
+class CheckpointedLayerFunction(_PositionalFunction):
     """One unidirectional layer that keeps only the state every ``every`` steps.
 
     Inputs: (mode, has_biases, lengths, every, input, hx, cx, *weights); returns (output, h_n,
