@@ -128,6 +128,68 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_expanded_output_gradient(mode, device):
+    """The gradient of output.sum() arrives expanded (stride 0); it is read in place."""
+    x = torch.randn(7, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weights = layer_weights(mode, 4, 5, device=device)
+    ours = torch.autograd.grad(functional.recurrent_layer(mode, x, weights)[0].sum(), x)
+    ref = torch.autograd.grad(reference.recurrent_layer(mode, x, weights)[0].sum(), x)
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_input_and_state(mode, device):
+    torch.manual_seed(1)
+    T, B, I, H = 6, 3, 5, 4
+    opts = dict(dtype=torch.float64, device=device)
+    # batch-major storage seen time-major, and every other feature: both non-contiguous
+    x = torch.randn(B, T, 2 * I, **opts).transpose(0, 1)[:, :, ::2].requires_grad_()
+    h0 = torch.randn(1, B, 2 * H, **opts)[:, :, ::2].requires_grad_()
+    assert not x.is_contiguous() and not h0.is_contiguous()
+    weights = layer_weights(mode, I, H, **opts)
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, False)
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_only_where_needed(mode, device):
+    """Frozen weights and a constant input get no gradient; the state still does."""
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 2, 3, **opts)
+    weights = [w.detach() for w in layer_weights(mode, 3, 5, **opts)]
+    h0 = torch.randn(1, 2, 5, **opts, requires_grad=True)
+    weighted_loss(*functional.recurrent_layer(mode, x, weights, h0)).backward()
+    assert all(w.grad is None for w in weights) and x.grad is None
+    ref_h0 = h0.detach().requires_grad_()
+    weighted_loss(*reference.recurrent_layer(mode, x, weights, ref_h0)).backward()
+    torch.testing.assert_close(h0.grad, ref_h0.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_grad_forward_matches(mode, device):
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(5, 3, 4, **opts)
+    weights = layer_weights(mode, 4, 6, **opts)
+    with torch.no_grad():
+        ours = functional.recurrent_layer(mode, x, weights)
+        ref = reference.recurrent_layer(mode, x, weights)
+    assert not ours[0].requires_grad
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_matches_reference(mode, device):
+    torch.manual_seed(2)
+    x = torch.randn(20, 4, 16, device=device, requires_grad=True)
+    weights = layer_weights(mode, 16, 32, dtype=torch.float32, device=device)
+    (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, None, None, True, False)
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 11)], ids=str)
 @pytest.mark.parametrize("batch", [1, 7, 13, 16, 17, 64, 65, 1100], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("H", [37, 64], ids=lambda h: f"H{h}")
