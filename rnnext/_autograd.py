@@ -65,6 +65,12 @@ def _reference_gradients(ctx, mode, has_biases, bidirectional, lengths, tensors,
     return result[0], result[1], result[2], result[3:]
 
 
+try:  # what Function.apply calls outside functorch transforms (torch >= 2.1)
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # then _PositionalFunction keeps torch's own apply
+    _unwrap_dead_wrappers = None
+
+
 class _PositionalFunction(torch.autograd.Function):
     """An autograd.Function called with positional arguments only, whose forward has no
     defaults. torch's Function.apply binds the arguments to forward's signature through
@@ -74,10 +80,10 @@ class _PositionalFunction(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active():
+        if _unwrap_dead_wrappers is None or torch._C._are_functorch_transforms_active():
             return super().apply(*args)
-        args = torch._functorch.utils.unwrap_dead_wrappers(args)
-        return super(torch.autograd.Function, cls).apply(*args)
+        # what Function.apply does next, minus the binding
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
 
 
 class LayerFunction(_PositionalFunction):

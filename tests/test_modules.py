@@ -109,3 +109,17 @@ def test_is_an_rnnbase_and_pickles(mode):
     assert type(loaded) is type(ours)
     x = torch.randn(2, 5, 3)
     torch.testing.assert_close(flat(loaded(x)), flat(ours(x)))
+
+
+@pytest.mark.parametrize("every", [None, 2], ids=["whole", "checkpointed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_func_grad(mode, every):
+    """Under a functorch transform the layer goes through torch's own Function.apply (the
+    plain call skips its argument binding): torch.func.grad gives autograd's gradient."""
+    torch.manual_seed(0)
+    ours = make_module(mode, 3, 4, nn=False, checkpoint_every=every).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    through_func = torch.func.grad(lambda x: ours(x)[0].sum())(x)
+    leaf = x.clone().requires_grad_()
+    ours(leaf)[0].sum().backward()
+    torch.testing.assert_close(through_func, leaf.grad)
