@@ -34,3 +34,12 @@ def pyplot():
         print("(matplotlib is not installed: no plot)")
         return None
     return plt
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    """Lays out a matplotlib figure and writes it to out/name.png."""
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return path

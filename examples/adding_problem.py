@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import parser, pyplot, save
+from _common import parser, pyplot, save, save_figure
 from torch import nn
 
 import rnnext
@@ -103,10 +103,7 @@ def main(argv=None) -> dict:
             ax.set_title(f"{cell}, adding problem, T = {T}, hidden {hidden}")
             ax.legend()
         axes[0].set_ylabel("mean squared error")
-        fig.tight_layout()
-        path = args.out / "adding_problem.png"
-        fig.savefig(path, dpi=110)
-        print(f"wrote {path}")
+        save_figure(fig, args.out, "adding_problem")
     return results
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import parser, pyplot, save
+from _common import parser, pyplot, save, save_figure
 from torch import nn
 
 import rnnext
@@ -114,10 +114,7 @@ def main(argv=None) -> dict:
         ax.plot(*zip(*curve))
         ax.set(xlabel=f"chunk ({streams} streams x {chunk} characters)", ylabel="bits per char")
         ax.set_title("character LSTM on Python's standard library, truncated BPTT")
-        fig.tight_layout()
-        path = args.out / "char_language_model.png"
-        fig.savefig(path, dpi=110)
-        print(f"wrote {path}")
+        save_figure(fig, args.out, "char_language_model")
     return results
 
 

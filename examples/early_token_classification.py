@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import parser, pyplot, save
+from _common import parser, pyplot, save, save_figure
 
 import rnnext
 
@@ -79,10 +79,7 @@ def main(argv=None) -> dict:
         axes[0].set_ylabel("held-out accuracy")
         axes[0].legend()
         fig.suptitle("class set by a token in the first 5 steps, then distractors")
-        fig.tight_layout()
-        path = args.out / "early_token_classification.png"
-        fig.savefig(path, dpi=110)
-        print(f"wrote {path}")
+        save_figure(fig, args.out, "early_token_classification")
     return results
 
 
