@@ -22,7 +22,8 @@ inline int64_t packed_ld(int64_t n) {
   return (n + kPackedTile - 1) / kPackedTile * kPackedTile;
 }
 
-// dst [K, packed_ld(N)] (zero padded) = R, where R [K, N] is src^T for src [N, K] row-major
+// dst = R packed: packed_ld(N) / 32 tiles one after the other, each R's [K, 32] block of
+// columns, contiguous and zero padded past N. R [K, N] is src^T for src [N, K] row-major
 // (transposed = true) or src itself, [K, N] row-major.
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst);
 
@@ -32,7 +33,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
                  float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
                  const float* bias = nullptr);
 
-// The right-hand operand of a per-step GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
+// The right-hand weight operand of a GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
 // `transposed`; `packed` its packed copy (float only; null to use BLAS).
 template <typename T>
 struct RightOperand {
