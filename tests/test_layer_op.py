@@ -12,23 +12,23 @@ from rnnext import functional, reference
 SHAPES = [(1, 1, 1, 1), (1, 4, 3, 2), (6, 1, 5, 3), (5, 3, 4, 6), (9, 2, 7, 7), (3, 5, 1, 8)]
 
 
-def run_both(mode, x, weights, h0, c0, bias, bidirectional, lengths=None):
+def run_both(mode, x, weights, h0, c0, bias, bidirectional, lengths=None, loss=weighted_loss):
     inputs = [t for t in (x, h0, c0, *weights) if t is not None and t.requires_grad]
     results = []
     for impl in (functional, reference):
         out = impl.recurrent_layer(
             mode, x, weights, h0, c0, has_biases=bias, bidirectional=bidirectional, lengths=lengths
         )
-        results.append((out, torch.autograd.grad(weighted_loss(*out), inputs)))
+        results.append((out, torch.autograd.grad(loss(*out), inputs)))
     return results
 
 
-def assert_float32_matches(mode, x, weights, h0, bidirectional, lengths):
+def assert_float32_matches(mode, x, weights, h0, bidirectional, lengths, loss=weighted_loss):
     """rnnext in float32 against the float64 reference, the exact answer: ours may differ from
     it by a few times the float32 reference's own error, plus a few float32 ulps of the
     result's scale. Outputs, states and the gradients of x, h0 and every weight."""
     (ours, our_grads), (ref, ref_grads) = run_both(
-        mode, x, weights, h0, None, True, bidirectional, lengths
+        mode, x, weights, h0, None, True, bidirectional, lengths, loss
     )
     leaves = [t.detach().double().requires_grad_() for t in (x, h0, *weights) if t is not None]
     exact_h0 = leaves[1] if h0 is not None else None
@@ -42,7 +42,7 @@ def assert_float32_matches(mode, x, weights, h0, bidirectional, lengths):
         bidirectional=bidirectional,
         lengths=lengths,
     )
-    exact_grads = torch.autograd.grad(weighted_loss(*exact), leaves)
+    exact_grads = torch.autograd.grad(loss(*exact), leaves)
     for a, b, e in zip(ours + our_grads, ref + ref_grads, exact + exact_grads):
         assert a.dtype == torch.float32 and a.shape == e.shape
         if e.numel() == 0:
@@ -126,6 +126,37 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
         (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, True, lens)
         for a, b in zip(ours + our_grads, ref + ref_grads):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [1, 2, 3], ids=lambda n: f"threads{n}")
+def test_threads_share_hidden_units(mode, threads, monkeypatch):
+    """CPU float32 with H a multiple of 32: the threads run a direction's whole time loop
+    together, each on its own tiles of hidden units, meeting at a barrier per step; backward
+    they also share the columns of dx and of the weight gradients (packed products). Uneven
+    shares (3 tiles of units, an input tile and a partial one), several blocks of steps,
+    lengths, an output gradient with permuted strides (gathered by each thread for its
+    units), and 1 to 3 threads (3 on a 2-core machine: more threads than cores)."""
+    monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")
+    torch.manual_seed(8)
+    T, B, I, H = 10, 5, 40, 96
+    x = torch.randn(T, B, I, requires_grad=True)
+    weights = layer_weights(mode, I, H, dtype=torch.float32)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    # d loss / d output, stored [H, B, T]: every stride of the time-major view differs from 1
+    grad_out = torch.randn(H, B, T).permute(2, 1, 0)
+
+    def permuted_loss(output, h_n, c_n):
+        return (output * grad_out.to(output.dtype)).sum() + h_n.sum()
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lengths in (None, torch.tensor([10, 7, 7, 3, 1])):
+            assert_float32_matches(mode, x, weights, h0, False, lengths)
+            assert_float32_matches(mode, x, weights, h0, False, lengths, permuted_loss)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -34,7 +34,7 @@ Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
     return Tensor();
   }
   Tensor packed = at::empty({packed_ld(N) * K}, weight.options());  // tiles of [K, 32]
-  pack_right_operand(weight.const_data_ptr<float>(), K, N, transposed,
+  pack_right_operand(weight.const_data_ptr<float>(), K, N, transposed, transposed ? K : N,
                      packed.mutable_data_ptr<float>());
   return packed;
 }
@@ -205,6 +205,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor x_rows = gathers ? at::empty({s.D, steps * s.B, s.I}, opts) : Tensor();
   const Tensor h_rows = gathers ? at::empty({s.D, steps * s.B, s.P}, opts) : Tensor();
   const Tensor m_rows = gathers && s.has_proj ? at::empty({s.D, steps * s.B, s.H}, opts) : Tensor();
+  // float: the weight gradients' right operands packed (at least kPackedMinSteps steps, as
+  // for the weights)
+  const bool packs_rows =
+      need_weights && input.scalar_type() == at::kFloat && s.T >= kPackedMinSteps;
+  const Tensor packed_x =
+      packs_rows ? at::empty({s.D, packed_ld(s.I) * steps * s.B}, opts) : Tensor();
+  const Tensor packed_h =
+      packs_rows ? at::empty({s.D, packed_ld(s.P) * steps * s.B}, opts) : Tensor();
   std::vector<DirectionInputs> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true);
 
@@ -246,6 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.x_rows = at_d(x_rows);
       p.h_rows = at_d(h_rows);
       p.m_rows = at_d(m_rows);
+      p.packed_x = at_d(packed_x);
+      p.packed_h = at_d(packed_h);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });

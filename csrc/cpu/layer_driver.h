@@ -17,6 +17,7 @@
 #include "../common/layer_sizes.h"
 #include "blas.h"
 #include "packed_gemm.h"
+#include "team.h"
 
 namespace rnnext {
 namespace cpu {
@@ -66,14 +67,15 @@ void add_column_sums(T* sums, const T* rows, int64_t M, int64_t N, int64_t ld) {
 }
 
 // C = A @ R + beta C (+ bias [N] on every row, unless null) over the active rows of the steps
-// [first, first + count), A and C each laid out padded or compact (LayerSizes). Rows past
-// their end are neither read nor written.
+// [first, first + count) and the columns `cols` of C, A and C each laid out padded or compact
+// (LayerSizes). Rows past their end are neither read nor written.
 template <typename T>
 void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t N, int64_t K,
                      const T* A, int64_t lda, bool a_compact, const RightOperand<T>& R, T beta,
-                     T* C, int64_t ldc, bool c_compact, const T* bias = nullptr) {
+                     T* C, int64_t ldc, bool c_compact, const T* bias, Cols cols) {
+  if (cols.size() <= 0) return;
   if (z.all_active(first, count)) {
-    weight_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc, bias);
+    weight_gemm<T>(count * z.batch, N, K, A, lda, R, beta, C, ldc, bias, cols);
     return;
   }
   auto row = [&](int64_t t, bool compact) {
@@ -86,7 +88,7 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
       for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
         int64_t rows = 0;
         while (t1 < end && rows < packed_chunk_rows(K)) rows += z.batch_sizes[t1++];
-        parallel_over_tiles(N, rows * K * kPackedTile, [&](int64_t n0, int64_t n1) {
+        parallel_over_tiles(cols, rows * K * kPackedTile, [&](int64_t n0, int64_t n1) {
           for (int64_t t = t0; t < t1; ++t) {
             packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
                         C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
@@ -98,17 +100,19 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
   }
   for (int64_t t = first; t < end; ++t) {
     weight_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
-                   C + row(t, c_compact) * ldc, ldc, bias);
+                   C + row(t, c_compact) * ldc, ldc, bias, cols);
   }
 }
 
 // dst [compact rows of the steps [first, first + count), cols]: for each step t, rows
 // [0, copied) of source(t, copied), row stride ld_src, then zeros up to the step's active rows.
+// A member of a team gathers its share of the steps.
 template <typename T, typename Source>
-void gather_block_rows(const LayerSizes& z, int64_t first, int64_t count, int64_t cols,
-                       int64_t ld_src, const Source& source, T* dst) {
+void gather_block_rows(const LayerSizes& z, int64_t first, int64_t count, const TeamMember& m,
+                       int64_t cols, int64_t ld_src, const Source& source, T* dst) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, z.batch * cols));
-  at::parallel_for(first, first + count, grain, [&](int64_t t0, int64_t t1) {
+  const Cols steps = m.share_items(count);
+  at::parallel_for(first + steps.begin, first + steps.end, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t copied = 0;
       const T* src = source(t, copied);
@@ -158,82 +162,88 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, in
   }
 }
 
-// A forward step's hg = h W_hh^T + beta hg (rows [0, n_cont) from h_cont, the rest from h0)
-// and pointwise pass, split by hidden units where it can: each thread takes chunks of 32 units,
-// multiplies those units' columns of every gate (a column tile each) and runs the pointwise
-// pass over them right away. The step hands work to the threads once rather than twice, and
-// the pointwise pass runs in parallel however few rows there are. Needs the packed float
-// kernel and H a multiple of the tile; returns false, having done nothing, otherwise.
-template <typename T, typename Pointwise>
-bool step_by_units(const LayerDims<T>& p, int64_t n, int64_t n_cont, const T* h_cont, T beta, T* hg,
-                   const Pointwise& pointwise) {
-  if constexpr (!std::is_same_v<T, float>) {
-    return false;
-  } else {
-    const int64_t H = p.hidden, P = p.out, GH = p.gates * H;
-    // (more rows than a chunk would stream A from memory once per unit chunk)
-    if (p.hh.packed == nullptr || H % kPackedTile != 0 || n > packed_chunk_rows(p.out)) {
-      return false;
-    }
-    const int64_t macs_per_chunk = n * P * p.gates * kPackedTile;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_chunk));
-    at::parallel_for(0, H / kPackedTile, grain, [&](int64_t c0, int64_t c1) {
-      const int64_t j0 = c0 * kPackedTile, j1 = c1 * kPackedTile;
-      for (int64_t k = 0; k < p.gates; ++k) {
-        packed_gemm(n_cont, GH, P, h_cont, p.ldo, p.hh.packed, beta, hg, GH, k * H + j0,
-                    k * H + j1);
-        packed_gemm(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh.packed, beta, hg + n_cont * GH,
-                    GH, k * H + j0, k * H + j1);
-      }
-      pointwise(int64_t{0}, n, j0, j1);
-    });
-    return true;
-  }
+// The slots of a team that shares a direction's time loop out by hidden units (team.h): one per
+// tile of units, where every per-step product has a packed operand and the cell writes h'
+// itself (a projection would need the whole of m before any column of h'); 1 otherwise, and
+// the loop then runs alone, each call inside it using every thread.
+template <typename T>
+int64_t unit_slots(const LayerDims<T>& p) {
+  const bool packed = p.ih.packed != nullptr && p.hh.packed != nullptr;
+  return packed && !p.projected() && p.hidden % kPackedTile == 0 ? p.hidden / kPackedTile : 1;
 }
 
+// A member's hidden units: its share of the tiles of units, or all of them when alone.
+template <typename T>
+Cols member_units(const TeamMember& m, const LayerDims<T>& p) {
+  return m.alone() ? Cols{0, p.hidden} : m.share(p.hidden, kPackedTile);
+}
+
+// Calls f(cols) for the member's columns of a gate product [*, G*H]: each gate's columns of
+// its units, or all G*H columns at once when alone.
+template <typename F>
+void for_gate_cols(const TeamMember& m, int64_t gates, int64_t H, Cols units, const F& f) {
+  if (m.alone()) {
+    f(Cols{0, gates * H});
+    return;
+  }
+  for (int64_t k = 0; k < gates; ++k) f(Cols{k * H + units.begin, k * H + units.end});
+}
+
+// A team member's part of a forward step: its units' columns of every gate product and their
+// pointwise pass; the step ends at a barrier, since the next one reads all of h'. The input
+// projection of a block needs no barrier: each member reads back only its own columns.
 template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
-  int64_t block_first = 0, block_count = 0;
-  for (int64_t s = 0; s < p.steps; ++s) {
-    const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
-    if (s % p.block_steps == 0) {
-      // xg = x W_ih^T + b_ih for the active rows of the block's steps
-      p.block_of(s, block_first, block_count);
-      block_rows_gemm<T>(p, block_first, block_count, GH, p.inputs,
-                         p.x + block_first * B * p.inputs, p.inputs, /*a_compact=*/false, p.ih,
-                         T(0), p.xg, GH, /*c_compact=*/true, p.b_ih);
-    }
-    T* xg_t = p.xg + p.compact_row(t, block_first) * GH;
-    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * p.batch * p.ldo : nullptr;
-    T* h_out = p.output + t * p.batch * p.ldo;
-    T* ws_t = p.workspace != nullptr ? p.workspace + t * p.batch * p.ws_row : p.step_scratch;
-    // The cell writes h' itself, or m = o * tanh(c') that w_hr then projects.
-    T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
-    const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
+  run_team(unit_slots(p), [&](const TeamMember& m) {
+    const Cols units = member_units(m, p);
+    int64_t block_first = 0, block_count = 0;
+    for (int64_t s = 0; s < p.steps; ++s) {
+      const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
+      if (s % p.block_steps == 0) {
+        // xg = x W_ih^T + b_ih for the active rows of the block's steps
+        p.block_of(s, block_first, block_count);
+        for_gate_cols(m, p.gates, H, units, [&](Cols cols) {
+          block_rows_gemm<T>(p, block_first, block_count, GH, p.inputs,
+                             p.x + block_first * B * p.inputs, p.inputs, /*a_compact=*/false, p.ih,
+                             T(0), p.xg, GH, /*c_compact=*/true, p.b_ih, cols);
+        });
+      }
+      T* xg_t = p.xg + p.compact_row(t, block_first) * GH;
+      const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
+      T* h_out = p.output + t * B * p.ldo;
+      T* ws_t = p.workspace != nullptr ? p.workspace + t * B * p.ws_row : p.step_scratch;
+      // The cell writes h' itself, or m = o * tanh(c') that w_hr then projects.
+      T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
+      const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
 
-    // h W_hh^T, added onto the input projection when the cell sums its gates
-    T* hg = Cell::kSumsGates ? xg_t : p.hg;
-    const T beta = Cell::kSumsGates ? T(1) : T(0);
-    auto pointwise = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
-      forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1, j0, j1);
-    };
-    if (!step_by_units(p, n, n_cont, h_cont, beta, hg, pointwise)) {
-      weight_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH);
-      weight_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH);
-      at::parallel_for(0, n, pointwise_grain(GH),
-                       [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
+      // h W_hh^T, added onto the input projection when the cell sums its gates
+      T* hg = Cell::kSumsGates ? xg_t : p.hg;
+      const T beta = Cell::kSumsGates ? T(1) : T(0);
+      for_gate_cols(m, p.gates, H, units, [&](Cols cols) {
+        weight_gemm<T>(n_cont, GH, P, h_cont, p.ldo, p.hh, beta, hg, GH, nullptr, cols);
+        weight_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH,
+                       nullptr, cols);
+      });
+      at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
+        forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1,
+                              units.begin, units.end);
+      });
+      if (p.projected()) {
+        weight_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
+      }
+      if (m.leader()) {
+        // rows past their end (no step reads them)
+        for (int64_t b = n; b < B; ++b) std::fill_n(h_out + b * p.ldo, P, T(0));
+        if (p.workspace != nullptr) std::fill(ws_t + n * p.ws_row, ws_t + B * p.ws_row, T(0));
+      }
+      m.sync();
     }
-    if (p.projected()) {
-      weight_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
-    }
-    for (int64_t b = n; b < p.batch; ++b) std::fill_n(h_out + b * p.ldo, P, T(0));
-    if (p.workspace != nullptr) std::fill(ws_t + n * p.ws_row, ws_t + p.batch * p.ws_row, T(0));
-  }
-  for (int64_t b = 0; b < p.batch; ++b) {
+  });
+  for (int64_t b = 0; b < B; ++b) {
     const int64_t len = p.lengths[b];
-    const T* last = len == 0 ? p.h0 + b * P
-                             : p.output + (p.reverse ? 0 : len - 1) * p.batch * p.ldo + b * p.ldo;
+    const T* last =
+        len == 0 ? p.h0 + b * P : p.output + (p.reverse ? 0 : len - 1) * B * p.ldo + b * p.ldo;
     std::copy(last, last + P, p.h_n + b * P);
   }
 }
@@ -261,20 +271,26 @@ struct BackwardParams : LayerDims<T> {
   T* grad_h;  // [block_steps * B, P] (with a projection): gradient w.r.t. h'
   // The operands of the weight gradients gathered into the compact layout, for blocks where
   // some row has ended (null when none does): x, the state each step consumed, and m.
-  T* x_rows;   // [block_steps * B, I]
-  T* h_rows;   // [block_steps * B, P]
-  T* m_rows;   // [block_steps * B, H] (with a projection)
-  T* dm;       // [B, H] (with a projection): gradient w.r.t. m
-  T* go_rows;  // [B, P]: a step's output gradient when its rows are strided
+  T* x_rows;  // [block_steps * B, I]
+  T* h_rows;  // [block_steps * B, P]
+  T* m_rows;  // [block_steps * B, H] (with a projection)
+  // float: the weight-gradient products' right operands, a block's rows of x and of the
+  // consumed state packed into column tiles (packed_gemm.h); null to use BLAS
+  T* packed_x;  // [packed_ld(I) * block_steps * B]
+  T* packed_h;  // [packed_ld(P) * block_steps * B]
+  T* dm;        // [B, H] (with a projection): gradient w.r.t. m
+  T* go_rows;   // [B, P]: a step's output gradient when its rows are strided
 };
 
-// One step's fused pointwise backward over rows [b0, b1): gate gradients, the direct part of
-// dh_prev (written over dh in place) and dc (in place). go_t rows have stride ld_go.
+// One step's fused pointwise backward over rows [b0, b1) and hidden units [j0, j1): gate
+// gradients, the direct part of dh_prev (written over dh in place) and dc (in place). go_t rows
+// have stride ld_go.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
                                      const T* h_cont, const T* ws_t, const T* ws_prev,
                                      const T* go_t, int64_t ld_go, const T* dcell, int64_t ld_dcell,
-                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1) {
+                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1, int64_t j0,
+                                     int64_t j1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
   for (int64_t b = b0; b < b1; ++b) {
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
@@ -293,7 +309,7 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
     auto run = [&](auto with_go) {
       const T* go = with_go ? go_t + b * ld_go : nullptr;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = j0; j < j1; ++j) {
         const T g = with_go ? dout[j] + go[j] : dout[j];
         Cell::backward(ws, cell_out, h_prev, c_prev, g, dc, dgx, dgh, dh, H, j);
       }
@@ -307,16 +323,23 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
 }
 
 // The input and weight gradients of the steps [first, first + count), from their gate
-// gradients: large GEMMs over all their active rows at once.
+// gradients: large GEMMs over all their active rows at once, each member of a team taking its
+// share of the columns. Ends at a barrier, before the next block overwrites the scratch.
 template <typename T>
-void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t count) {
+void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t count,
+                          const TeamMember& m) {
   const int64_t B = p.batch, I = p.inputs, P = p.out, H = p.hidden, GH = p.gates * H;
   const int64_t rows = p.compact_rows(first, count);
+  const Cols in_cols = m.share(I, kPackedTile), state_cols = m.share(P, kPackedTile);
+  const Cols gate_cols = m.share(GH, kPackedTile);
   if (p.grad_x != nullptr) {
     block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(1),
-                       p.grad_x + first * B * I, I, /*c_compact=*/false);
+                       p.grad_x + first * B * I, I, /*c_compact=*/false, nullptr, in_cols);
   }
-  if (p.grad_w_ih == nullptr) return;
+  if (p.grad_w_ih == nullptr) {
+    m.sync();
+    return;
+  }
   // Step t's hidden-side gradient pairs with the state it consumed: the previous step's output
   // in this direction's order. At each row's first step that is h0, left to the caller through
   // dgh_first; those rows pair with zeros here.
@@ -338,14 +361,14 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
     ld_h = p.ldo;
   } else {
     gather_block_rows<T>(
-        p, first, count, I, I,
+        p, first, count, m, I, I,
         [&](int64_t t, int64_t& copied) {
           copied = p.batch_sizes[t];
           return p.x + t * B * I;
         },
         p.x_rows);
     gather_block_rows<T>(
-        p, first, count, P, p.ldo,
+        p, first, count, m, P, p.ldo,
         [&](int64_t t, int64_t& copied) {
           copied = p.continuing(t);
           return copied > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
@@ -355,7 +378,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
     h_rows = p.h_rows;
     if (p.projected()) {
       gather_block_rows<T>(
-          p, first, count, H, p.ws_row,
+          p, first, count, m, H, p.ws_row,
           [&](int64_t t, int64_t& copied) {
             copied = p.batch_sizes[t];
             return p.workspace + t * B * p.ws_row + p.m_offset;
@@ -364,79 +387,108 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
       m_rows = p.m_rows;
       ld_m = H;
     }
+    m.sync();  // every member's steps gathered
   }
-  gemm<T>(true, false, GH, I, rows, T(1), p.dgx, GH, x_rows, I, T(1), p.grad_w_ih, I);
-  gemm<T>(true, false, GH, P, h_count, T(1), dgh_rows, GH, h_rows, ld_h, T(1), p.grad_w_hh, P);
+  // grad[GH, N] += dg^T @ src over the member's columns `cols`, src [count, N] (row stride ld)
+  auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, Cols cols,
+                         T* packed, T* grad) {
+    if (count == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed != nullptr) {
+        parallel_over_tiles(cols, GH * count * kPackedTile, [&](int64_t n0, int64_t n1) {
+          pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false, ld,
+                             packed + n0 * count);
+          packed_gemm_at(GH, N, count, dg, GH, packed, 1.f, grad, N, n0, n1);
+        });
+        return;
+      }
+    }
+    gemm<T>(true, false, GH, cols.size(), count, T(1), dg, GH, src + cols.begin, ld, T(1),
+            grad + cols.begin, N);
+  };
+  weight_grad(p.dgx, rows, x_rows, I, I, in_cols, p.packed_x, p.grad_w_ih);
+  weight_grad(dgh_rows, h_count, h_rows, ld_h, P, state_cols, p.packed_h, p.grad_w_hh);
   if (p.grad_b_ih != nullptr) {
-    add_column_sums(p.grad_b_ih, p.dgx, rows, GH, GH);
+    const int64_t g0 = gate_cols.begin;
+    add_column_sums(p.grad_b_ih + g0, p.dgx + g0, rows, gate_cols.size(), GH);
     // where the gate gradients are one (dgh aliases dgx), backward_direction copies the sums
-    if (p.dgh != p.dgx) add_column_sums(p.grad_b_hh, p.dgh, rows, GH, GH);
+    if (p.dgh != p.dgx) add_column_sums(p.grad_b_hh + g0, p.dgh + g0, rows, gate_cols.size(), GH);
   }
-  // dW_hr += dh'^T m
+  // dW_hr += dh'^T m (a projection runs alone)
   if (p.projected()) {
     gemm<T>(true, false, P, H, rows, T(1), p.grad_h, P, m_rows, ld_m, T(1), p.grad_w_hr, H);
   }
+  m.sync();
 }
 
+// A team member's part of a backward step: its units' pointwise pass, then (once every gate
+// gradient of the step is there) its columns of dh_prev = dgh_t @ W_hh, which are its own
+// units again, so the next step's pointwise pass needs no second barrier.
 template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   std::fill_n(p.dgh_first, B * GH, T(0));
-  int64_t block_first = 0, block_count = 0;
-  for (int64_t s = p.steps - 1; s >= 0; --s) {
-    const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
-    if (s == p.steps - 1 || s % p.block_steps == p.block_steps - 1) {
-      p.block_of(s, block_first, block_count);
-    }
-    const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
-    const T* ws_t = p.workspace + t * B * p.ws_row;
-    const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * B * p.ws_row : nullptr;
-    const int64_t row = p.compact_row(t, block_first);
-    T* dgx_t = p.dgx + row * GH;
-    T* dgh_t = p.dgh + row * GH;
+  run_team(unit_slots(p), [&](const TeamMember& m) {
+    const Cols units = member_units(m, p);
+    const Cols state_cols = m.alone() ? Cols{0, P} : units;  // a team has P == H
+    int64_t block_first = 0, block_count = 0;
+    for (int64_t s = p.steps - 1; s >= 0; --s) {
+      const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
+      if (s == p.steps - 1 || s % p.block_steps == p.block_steps - 1) {
+        p.block_of(s, block_first, block_count);
+      }
+      const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
+      const T* ws_t = p.workspace + t * B * p.ws_row;
+      const T* ws_prev = n_cont > 0 ? p.workspace + p.previous(t) * B * p.ws_row : nullptr;
+      const int64_t row = p.compact_row(t, block_first);
+      T* dgx_t = p.dgx + row * GH;
+      T* dgh_t = p.dgh + row * GH;
 
-    // this step's output gradient, as rows of unit stride
-    const T* go_t = nullptr;
-    int64_t ld_go = 0;
-    if (p.grad_output != nullptr) {
-      const T* base = p.grad_output + t * p.go_stride_t;
-      if (p.go_stride_j == 1) {
-        go_t = base;
-        ld_go = p.go_stride_b;
-      } else {
+      // this step's output gradient, as rows of unit stride
+      const T* go_t = nullptr;
+      int64_t ld_go = 0;
+      if (p.grad_output != nullptr) {
+        const T* base = p.grad_output + t * p.go_stride_t;
+        if (p.go_stride_j == 1) {
+          go_t = base;
+          ld_go = p.go_stride_b;
+        } else {
+          for (int64_t b = 0; b < n; ++b) {
+            for (int64_t j = state_cols.begin; j < state_cols.end; ++j) {
+              p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
+            }
+          }
+          go_t = p.go_rows;
+          ld_go = P;
+        }
+      }
+      // The cell's output gradient: dh' itself, or through the projection dm = dh' @ w_hr.
+      const T* dcell = p.dh;
+      int64_t ld_dcell = P;
+      if (p.projected()) {
+        T* grad_h_t = p.grad_h + row * P;
         for (int64_t b = 0; b < n; ++b) {
           for (int64_t j = 0; j < P; ++j) {
-            p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
+            grad_h_t[b * P + j] = p.dh[b * P + j] + (go_t != nullptr ? go_t[b * ld_go + j] : T(0));
           }
         }
-        go_t = p.go_rows;
-        ld_go = P;
+        weight_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
+        dcell = p.dm;
+        ld_dcell = H;
+        go_t = nullptr;
       }
+      at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
+        backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
+                               dgx_t, dgh_t, b0, b1, units.begin, units.end);
+      });
+      m.sync();  // the step's gate gradients are complete
+      if (m.leader()) std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
+      // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
+      weight_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P,
+                     nullptr, state_cols);
+      if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count, m);
     }
-    // The cell's output gradient: dh' itself, or through the projection dm = dh' @ w_hr.
-    const T* dcell = p.dh;
-    int64_t ld_dcell = P;
-    if (p.projected()) {
-      T* grad_h_t = p.grad_h + row * P;
-      for (int64_t b = 0; b < n; ++b) {
-        for (int64_t j = 0; j < P; ++j) {
-          grad_h_t[b * P + j] = p.dh[b * P + j] + (go_t != nullptr ? go_t[b * ld_go + j] : T(0));
-        }
-      }
-      weight_gemm<T>(n, H, P, grad_h_t, P, p.hr, T(0), p.dm, H);
-      dcell = p.dm;
-      ld_dcell = H;
-      go_t = nullptr;
-    }
-    at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-      backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
-                             dgx_t, dgh_t, b0, b1);
-    });
-    std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
-    // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-    weight_gemm<T>(n, P, GH, dgh_t, GH, p.hh, Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh, P);
-    if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count);
-  }
+  });
   if (p.grad_b_hh != nullptr && p.dgh == p.dgx) std::copy_n(p.grad_b_ih, GH, p.grad_b_hh);
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace rnnext {
 namespace cpu {
@@ -21,8 +22,9 @@ inline void store16(float* p, Vec16 v) {
   *reinterpret_cast<Vec16Unaligned*>(p) = v;
 }
 
-// Rows [0, MB) of A times one column tile of R (32 columns, `valid` of them real).
-template <int MB>
+// Rows [0, MB) of A times one column tile of R (32 columns, `valid` of them real). A is read
+// as A[i, k] = A[i * lda + k], or A[k * lda + i] when kTransA (A^T stored [K, M]).
+template <int MB, bool kTransA>
 inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64_t lda,
                                                 const float* R, int64_t ldr, float beta, float* C,
                                                 int64_t ldc, int64_t valid, const float* bias) {
@@ -31,7 +33,7 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
   for (int64_t k = 0; k < K; ++k) {
     const Vec16 r_lo = load16(R + k * ldr), r_hi = load16(R + k * ldr + 16);
     for (int i = 0; i < MB; ++i) {
-      const float a = A[i * lda + k];
+      const float a = kTransA ? A[k * lda + i] : A[i * lda + k];
       lo[i] += a * r_lo;
       hi[i] += a * r_hi;
     }
@@ -71,52 +73,97 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
 
 }  // namespace
 
-void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst) {
+void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        float* dst) {
   // tile by tile: [K, 32] each, contiguous, so that a tile streams through the cache in order
   for (int64_t n0 = 0; n0 < N; n0 += kPackedTile) {
     const int64_t n1 = std::min(N, n0 + kPackedTile);
     float* tile_dst = dst + n0 * K;
     for (int64_t k = 0; k < K; ++k) {
       float* row = tile_dst + k * kPackedTile;
-      for (int64_t n = n0; n < n1; ++n) row[n - n0] = transposed ? src[n * K + k] : src[k * N + n];
+      for (int64_t n = n0; n < n1; ++n) {
+        row[n - n0] = transposed ? src[n * ld + k] : src[k * ld + n];
+      }
       std::fill(row + (n1 - n0), row + kPackedTile, 0.f);
     }
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const float* bias) {
+namespace {
+
+// Rows [m0, m0 + rows) of C, tile by tile over [n_begin, n_end): 8 rows of accumulators at a
+// time, then the rest of the rows.
+template <bool kTransA>
+inline __attribute__((always_inline)) void rows_times_tiles(int64_t rows, int64_t N, int64_t K,
+                                                            const float* A, int64_t lda,
+                                                            const float* R, float beta, float* C,
+                                                            int64_t ldc, int64_t n_begin,
+                                                            int64_t n_end, const float* bias) {
   const int64_t ldr = kPackedTile;
+  // the start of row m of A
+  auto a_row = [&](int64_t m) { return kTransA ? A + m : A + m * lda; };
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPackedTile) {
     const int64_t valid = std::min(kPackedTile, N - n0);
     const float* r = R + n0 * K;
     const float* b = bias != nullptr ? bias + n0 : nullptr;
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8)
-      tile<8>(K, A + m * lda, lda, r, ldr, beta, C + m * ldc + n0, ldc, valid, b);
-    const float* a = A + m * lda;
+    for (; m + 8 <= rows; m += 8)
+      tile<8, kTransA>(K, a_row(m), lda, r, ldr, beta, C + m * ldc + n0, ldc, valid, b);
+    const float* a = a_row(m);
     float* c = C + m * ldc + n0;
-    switch (M - m) {
-      case 1: tile<1>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 2: tile<2>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 3: tile<3>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 4: tile<4>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 5: tile<5>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 6: tile<6>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
-      case 7: tile<7>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+    switch (rows - m) {
+      case 1: tile<1, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 2: tile<2, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 3: tile<3, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 4: tile<4, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 5: tile<5, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 6: tile<6, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
+      case 7: tile<7, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
       default: break;
     }
   }
 }
 
+}  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define RNNEXT_GEMM_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RNNEXT_GEMM_CLONES
+#endif
+
+RNNEXT_GEMM_CLONES
+void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
+                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const float* bias) {
+  // tiles outer: the few rows of A stay in cache while the tiles of R stream past
+  rows_times_tiles<false>(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_GEMM_CLONES
+void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
+                    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
+  // Groups of 8 rows of C outer: A (a block's gate gradients) is the large operand here, and
+  // each 8-column strip of it is read once from memory, copied to contiguous rows (its rows
+  // lda apart would crowd a few sets of the L1 cache), while the caller's few tiles of R (its
+  // packed inputs) stay in cache.
+  std::vector<float> strip(K * 8);
+  for (int64_t m = 0; m < M; m += 8) {
+    const int64_t rows = std::min<int64_t>(8, M - m);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < rows; ++i) strip[k * rows + i] = A[k * lda + m + i];
+    }
+    rows_times_tiles<true>(rows, N, K, strip.data(), rows, R, beta, C + m * ldc, ldc, n_begin,
+                           n_end, nullptr);
+  }
+}
+
 void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* R, float beta, float* C, int64_t ldc, const float* bias) {
-  if (M == 0 || N == 0) return;
-  parallel_over_tiles(N, M * K * kPackedTile, [&](int64_t n0, int64_t n1) {
+                          const float* R, float beta, float* C, int64_t ldc, const float* bias,
+                          Cols cols) {
+  if (M == 0 || cols.size() <= 0) return;
+  parallel_over_tiles(cols, M * K * kPackedTile, [&](int64_t n0, int64_t n1) {
     packed_gemm(M, N, K, A, lda, R, beta, C, ldc, n0, n1, bias);
   });
 }

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "blas.h"
+#include "team.h"
 
 namespace rnnext {
 namespace cpu {
@@ -23,9 +24,10 @@ inline int64_t packed_ld(int64_t n) {
 }
 
 // dst = R packed: packed_ld(N) / 32 tiles one after the other, each R's [K, 32] block of
-// columns, contiguous and zero padded past N. R [K, N] is src^T for src [N, K] row-major
-// (transposed = true) or src itself, [K, N] row-major.
-void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, float* dst);
+// columns, contiguous and zero padded past N. R [K, N] is src^T for src [N, K] (transposed =
+// true) or src itself, [K, N]; src's rows are `ld` apart.
+void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        float* dst);
 
 // C[M, N] = A[M, K] @ R + beta C (+ bias [N] on every row, unless null) for the columns
 // [n_begin, n_end) (n_begin a multiple of the tile; n_end one too, or N).
@@ -42,21 +44,28 @@ struct RightOperand {
   const float* packed = nullptr;
 };
 
-// Calls tiles(n_begin, n_end) over ranges of the column tiles of an N-column product, split
-// among threads; macs_per_tile (the multiply-adds of one tile) decides how many threads pay.
+// C[M, N] = A^T @ R + beta C for the columns [n_begin, n_end), A^T stored as [K, M] with row
+// stride lda: the weight-gradient form dW = dG^T X, with R the packed rows of X.
+void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
+                    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end);
+
+// Calls tiles(n_begin, n_end) over ranges of the column tiles of the columns `cols` (begin a
+// multiple of the tile), split among threads; macs_per_tile (the multiply-adds of one tile)
+// decides how many threads pay.
 template <typename F>
-void parallel_over_tiles(int64_t N, int64_t macs_per_tile, const F& tiles) {
-  const int64_t count = (N + kPackedTile - 1) / kPackedTile;
+void parallel_over_tiles(Cols cols, int64_t macs_per_tile, const F& tiles) {
+  const int64_t count = (cols.size() + kPackedTile - 1) / kPackedTile;
   // at least ~64K multiply-adds per thread, or the hand-off costs more than it saves
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_tile));
   at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
-    tiles(t0 * kPackedTile, std::min(N, t1 * kPackedTile));
+    tiles(cols.begin + t0 * kPackedTile, std::min(cols.end, cols.begin + t1 * kPackedTile));
   });
 }
 
+// packed_gemm over the columns `cols`, split among threads.
 void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* R, float beta, float* C, int64_t ldc,
-                          const float* bias = nullptr);
+                          const float* R, float beta, float* C, int64_t ldc, const float* bias,
+                          Cols cols);
 
 // Adds bias [N] to every row of rows [M, N] (row stride ld).
 template <typename T>
@@ -77,23 +86,29 @@ inline int64_t packed_chunk_rows(int64_t K) {
   return std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
 }
 
-// C = A @ R + beta C (+ bias [N] on every row, unless null): the packed kernel over chunks of
+// C = A @ R + beta C (+ bias [N] on every row, unless null) over the columns `cols` of C (all
+// N when left out; begin a multiple of the tile): the packed kernel over chunks of
 // packed_chunk_rows rows where R is packed, else BLAS.
 template <typename T>
 void weight_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const RightOperand<T>& R,
-                 T beta, T* C, int64_t ldc, const T* bias = nullptr) {
+                 T beta, T* C, int64_t ldc, const T* bias = nullptr, Cols cols = {0, -1}) {
+  if (cols.end < 0) cols = {0, N};
+  if (M == 0 || cols.size() <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
     if (R.packed != nullptr) {
       const int64_t chunk = packed_chunk_rows(K);
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         parallel_packed_gemm(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
-                             C + r0 * ldc, ldc, bias);
+                             C + r0 * ldc, ldc, bias, cols);
       }
       return;
     }
   }
-  gemm<T>(false, R.transposed, M, N, K, T(1), A, lda, R.data, R.transposed ? K : N, beta, C, ldc);
-  if (bias != nullptr) add_rows(C, M, N, ldc, bias);
+  const int64_t n0 = cols.begin, width = cols.size();
+  const T* r = R.transposed ? R.data + n0 * K : R.data + n0;
+  gemm<T>(false, R.transposed, M, width, K, T(1), A, lda, r, R.transposed ? K : N, beta, C + n0,
+          ldc);
+  if (bias != nullptr) add_rows(C + n0, M, width, ldc, bias + n0);
 }
 
 }  // namespace cpu
