@@ -27,7 +27,8 @@ struct Gru {
   // r multiplies W_hn h + b_hn: the n gate needs its parts apart
   static constexpr bool kSumsGates = false;
 
-  template <typename T>
+  // kSave: write what backward needs to `saved` (a forward without backward skips it)
+  template <bool kSave = true, typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* h_prev,
                                 const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* saved, int64_t H,
                                 int64_t j) {
@@ -36,10 +37,12 @@ struct Gru {
     const T hn = hg[2 * H + j] + b_hh[2 * H + j];
     const T n = tanh_(xg[2 * H + j] + r * hn);
     h_out[j] = (T(1) - z) * n + z * h_prev[j];
-    saved[j] = r;
-    saved[H + j] = z;
-    saved[2 * H + j] = n;
-    saved[3 * H + j] = hn;
+    if constexpr (kSave) {
+      saved[j] = r;
+      saved[H + j] = z;
+      saved[2 * H + j] = n;
+      saved[3 * H + j] = hn;
+    }
   }
 
   template <typename T>

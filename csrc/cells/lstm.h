@@ -26,23 +26,24 @@ struct Lstm {
   // every gate's pre-activation is xg + hg + b_hh, so a caller may sum them first
   static constexpr bool kSumsGates = true;
 
-  template <typename T>
+  // kSave: write what backward needs to `saved` (a forward without backward skips it)
+  template <bool kSave = true, typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* /*h_prev*/,
                                 const T* c_prev, T* h_out, T* c_out, T* saved, int64_t H,
                                 int64_t j) {
     const auto pre = [&](int k) { return xg[k * H + j] + hg[k * H + j] + b_hh[k * H + j]; };
-    activate<T>(pre, c_prev, h_out, c_out, saved, H, j);
+    activate<kSave, T>(pre, c_prev, h_out, c_out, saved, H, j);
   }
 
   // forward from the summed pre-activations gates [4H] = xg + hg + b_hh (kSumsGates)
-  template <typename T>
+  template <bool kSave = true, typename T>
   RNNEXT_HD static void forward_summed(const T* gates, const T* c_prev, T* h_out, T* c_out,
                                        T* saved, int64_t H, int64_t j) {
-    activate<T>([&](int k) { return gates[k * H + j]; }, c_prev, h_out, c_out, saved, H, j);
+    activate<kSave, T>([&](int k) { return gates[k * H + j]; }, c_prev, h_out, c_out, saved, H, j);
   }
 
   // pre(k): gate k's pre-activation at element j
-  template <typename T, typename Pre>
+  template <bool kSave, typename T, typename Pre>
   RNNEXT_HD static void activate(const Pre& pre, const T* c_prev, T* h_out, T* c_out, T* saved,
                                  int64_t H, int64_t j) {
     const T i = sigmoid(pre(0));
@@ -53,11 +54,13 @@ struct Lstm {
     const T tc = tanh_(c);
     h_out[j] = o * tc;
     c_out[j] = c;
-    saved[j] = i;
-    saved[H + j] = f;
-    saved[2 * H + j] = g;
-    saved[3 * H + j] = o;
-    saved[4 * H + j] = c;
+    if constexpr (kSave) {
+      saved[j] = i;
+      saved[H + j] = f;
+      saved[2 * H + j] = g;
+      saved[3 * H + j] = o;
+      saved[4 * H + j] = c;
+    }
   }
 
   template <typename T>

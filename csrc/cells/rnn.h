@@ -22,7 +22,8 @@ struct Elman {
   // the gate's pre-activation is xg + hg + b_hh, so a caller may sum them first
   static constexpr bool kSumsGates = true;
 
-  template <typename T>
+  // (nothing to save: backward reads h' itself; kSave is there for the common interface)
+  template <bool kSave = true, typename T>
   RNNEXT_HD static void forward(const T* xg, const T* hg, const T* b_hh, const T* /*h_prev*/,
                                 const T* /*c_prev*/, T* h_out, T* /*c_out*/, T* /*saved*/,
                                 int64_t /*H*/, int64_t j) {
@@ -30,7 +31,7 @@ struct Elman {
   }
 
   // forward from the summed pre-activation gates [H] = xg + hg + b_hh (kSumsGates)
-  template <typename T>
+  template <bool kSave = true, typename T>
   RNNEXT_HD static void forward_summed(const T* gates, const T* /*c_prev*/, T* h_out, T* /*c_out*/,
                                        T* /*saved*/, int64_t /*H*/, int64_t j) {
     h_out[j] = activate(gates[j]);

@@ -134,13 +134,13 @@ struct ForwardParams : LayerDims<T> {
   T* h_n;           // [B, P]
   T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
   T* workspace;     // [T, B, ws_row] for backward, or null when backward will not run
-  T* step_scratch;  // [B, ws_row], every step's workspace row when workspace is null
+  T* step_scratch;  // [B, ws_row]: when workspace is null, holds m (a projected step's cell output)
   T* hg;            // [B, G*H] scratch: W_hh h of the current step (cells without kSumsGates)
 };
 
 // One step's fused pointwise forward over rows [b0, b1) and hidden units [j0, j1): gates, new
-// state, saved values.
-template <typename Cell, typename T>
+// state and, with kSave (backward will run), the values backward reads.
+template <typename Cell, bool kSave, typename T>
 RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, int64_t n_cont,
                                     const T* h_cont, T* cell_out, int64_t ld_cell_out, T* ws_t,
                                     int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
@@ -152,12 +152,16 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, in
     T* ws = ws_t + b * p.ws_row;
     if constexpr (Cell::kSumsGates) {
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) Cell::forward_summed(xg, c, out, c, ws, H, j);
+      for (int64_t j = j0; j < j1; ++j) {
+        Cell::template forward_summed<kSave>(xg, c, out, c, ws, H, j);
+      }
     } else {
       const T* hg = p.hg + b * GH;
       const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) Cell::forward(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+      for (int64_t j = j0; j < j1; ++j) {
+        Cell::template forward<kSave>(xg, hg, p.b_hh, h_prev, c, out, c, ws, H, j);
+      }
     }
   }
 }
@@ -225,9 +229,12 @@ void forward_direction(const ForwardParams<T>& p) {
         weight_gemm<T>(n - n_cont, GH, P, p.h0 + n_cont * P, P, p.hh, beta, hg + n_cont * GH, GH,
                        nullptr, cols);
       });
+      // the values backward reads are saved only where it will run
       at::parallel_for(0, n, pointwise_grain(GH), [&](int64_t b0, int64_t b1) {
-        forward_rows<Cell, T>(p, xg_t, n_cont, h_cont, cell_out, ld_cell_out, ws_t, b0, b1,
-                              units.begin, units.end);
+        (p.workspace != nullptr ? forward_rows<Cell, true, T>
+                                : forward_rows<Cell, false, T>)(p, xg_t, n_cont, h_cont, cell_out,
+                                                                ld_cell_out, ws_t, b0, b1,
+                                                                units.begin, units.end);
       });
       if (p.projected()) {
         weight_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);

@@ -38,7 +38,7 @@ class SpinBarrier {
     for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
       // spin briefly (the other threads are a step's work away), then give way to the OS in
       // case the machine has fewer free cores than the team has threads
-      if (spins < (int64_t{1} << 16)) {
+      if (spins < (int64_t{1} << 14)) {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
