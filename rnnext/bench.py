@@ -24,7 +24,7 @@ around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so th
 noise hits both alike, and the minimum is reported. The agreement check is the warm-up (one
 untimed call of each pass per side; ``torch.mm`` gets one untimed call per shape); then repeats
 continue until one side has spent ``BUDGET_S`` (1.5 s) of timed work, with at least
-``MIN_REPEATS`` (3) and at most ``MAX_REPEATS`` (7) repeats; ``--repeats N`` fixes the count
+``MIN_REPEATS`` (3) and at most ``MAX_REPEATS`` (20) repeats; ``--repeats N`` fixes the count
 to N instead, and ``--quick`` uses tiny sizes and ``QUICK_REPEATS``. The default run takes
 about 45 s on an idle 2-core machine (the budget is 3 minutes); busy cores slow it down.
 
@@ -79,7 +79,7 @@ EXTRA_SIZE: Shape = (200, 32, 256)
 QUICK_EXTRA_SIZE: Shape = (10, 2, 8)
 
 MIN_REPEATS = 3
-MAX_REPEATS = 7
+MAX_REPEATS = 20
 BUDGET_S = 1.5
 QUICK_REPEATS = 3
 RTOL = 1e-3
