@@ -337,8 +337,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
                           const TeamMember& m) {
   const int64_t B = p.batch, I = p.inputs, P = p.out, H = p.hidden, GH = p.gates * H;
   const int64_t rows = p.compact_rows(first, count);
-  const Cols in_cols = m.share(I, kPackedTile), state_cols = m.share(P, kPackedTile);
-  const Cols gate_cols = m.share(GH, kPackedTile);
+  const Cols in_cols = m.share(I, kPackedTile);
   if (p.grad_x != nullptr) {
     block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(1),
                        p.grad_x + first * B * I, I, /*c_compact=*/false, nullptr, in_cols);
@@ -396,30 +395,49 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
     }
     m.sync();  // every member's steps gathered
   }
-  // grad[GH, N] += dg^T @ src over the member's columns `cols`, src [count, N] (row stride ld)
-  auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, Cols cols,
-                         T* packed, T* grad) {
+  // grad[GH, N] += dg^T @ src, src [count, N] (row stride ld). Packed (float): the members pack
+  // their shares of src's column tiles, then each multiplies its own rows of grad, its units'
+  // rows of every gate, against all the tiles: the strips of dg it reads are the columns it
+  // wrote itself, and each strip serves every tile.
+  const Cols units = member_units(m, p);
+  auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, T* packed,
+                         T* grad) {
     if (count == 0) return;
     if constexpr (std::is_same_v<T, float>) {
       if (packed != nullptr) {
-        parallel_over_tiles(cols, GH * count * kPackedTile, [&](int64_t n0, int64_t n1) {
-          pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false, ld,
-                             packed + n0 * count);
-          packed_gemm_at(GH, N, count, dg, GH, packed, 1.f, grad, N, n0, n1);
+        parallel_over_tiles(m.share(N, kPackedTile), count * kPackedTile,
+                            [&](int64_t n0, int64_t n1) {
+                              pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false, ld,
+                                                 packed + n0 * count);
+                            });
+        m.sync();  // every tile packed
+        const int64_t macs_per_row = N * count;
+        for_gate_cols(m, p.gates, H, units, [&](Cols r) {
+          const int64_t groups = (r.size() + 7) / 8;
+          at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
+                           [&](int64_t g0, int64_t g1) {
+                             const int64_t m0 = r.begin + g0 * 8;
+                             const int64_t m1 = std::min(r.end, r.begin + g1 * 8);
+                             packed_gemm_at(m1 - m0, N, count, dg + m0, GH, packed, 1.f,
+                                            grad + m0 * N, N, 0, N);
+                           });
         });
         return;
       }
     }
+    const Cols cols = m.share(N, kPackedTile);
     gemm<T>(true, false, GH, cols.size(), count, T(1), dg, GH, src + cols.begin, ld, T(1),
             grad + cols.begin, N);
   };
-  weight_grad(p.dgx, rows, x_rows, I, I, in_cols, p.packed_x, p.grad_w_ih);
-  weight_grad(dgh_rows, h_count, h_rows, ld_h, P, state_cols, p.packed_h, p.grad_w_hh);
+  weight_grad(p.dgx, rows, x_rows, I, I, p.packed_x, p.grad_w_ih);
+  weight_grad(dgh_rows, h_count, h_rows, ld_h, P, p.packed_h, p.grad_w_hh);
   if (p.grad_b_ih != nullptr) {
-    const int64_t g0 = gate_cols.begin;
-    add_column_sums(p.grad_b_ih + g0, p.dgx + g0, rows, gate_cols.size(), GH);
-    // where the gate gradients are one (dgh aliases dgx), backward_direction copies the sums
-    if (p.dgh != p.dgx) add_column_sums(p.grad_b_hh + g0, p.dgh + g0, rows, gate_cols.size(), GH);
+    for_gate_cols(m, p.gates, H, units, [&](Cols r) {
+      add_column_sums(p.grad_b_ih + r.begin, p.dgx + r.begin, rows, r.size(), GH);
+      // where the gate gradients are one (dgh aliases dgx), backward_direction copies the sums
+      if (p.dgh != p.dgx)
+        add_column_sums(p.grad_b_hh + r.begin, p.dgh + r.begin, rows, r.size(), GH);
+    });
   }
   // dW_hr += dh'^T m (a projection runs alone)
   if (p.projected()) {
