@@ -50,7 +50,9 @@ def weighted_loss(output, h_n, c_n):
     total = 0
     for t in (output, h_n, c_n):
         # empty tensors too: the loss of an empty batch is still a differentiable zero
-        weights = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+        # drawn in float32 whatever t's dtype, so that a float32 run and its float64 reference
+        # weigh their elements alike (draws in another dtype give other numbers)
+        weights = torch.randn(t.shape, generator=gen).to(dtype=t.dtype, device=t.device)
         total = total + (t * weights).sum()
     return total
 
