@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 namespace rnnext {
 namespace cpu {
@@ -91,20 +90,19 @@ void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed,
 
 namespace {
 
-// Rows [m0, m0 + rows) of C, tile by tile over [n_begin, n_end): 8 rows of accumulators at a
-// time, then the rest of the rows.
+// Rows [0, rows) of C, tile by tile over [n_begin, n_end): 8 rows of accumulators at a time,
+// then the rest of the rows. The tiles of R hold k_tile rows each, of which the first K are
+// used.
 template <bool kTransA>
-inline __attribute__((always_inline)) void rows_times_tiles(int64_t rows, int64_t N, int64_t K,
-                                                            const float* A, int64_t lda,
-                                                            const float* R, float beta, float* C,
-                                                            int64_t ldc, int64_t n_begin,
-                                                            int64_t n_end, const float* bias) {
+inline __attribute__((always_inline)) void rows_times_tiles(
+    int64_t rows, int64_t N, int64_t K, const float* A, int64_t lda, const float* R, int64_t k_tile,
+    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end, const float* bias) {
   const int64_t ldr = kPackedTile;
   // the start of row m of A
   auto a_row = [&](int64_t m) { return kTransA ? A + m : A + m * lda; };
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPackedTile) {
     const int64_t valid = std::min(kPackedTile, N - n0);
-    const float* r = R + n0 * K;
+    const float* r = R + n0 * k_tile;
     const float* b = bias != nullptr ? bias + n0 : nullptr;
     int64_t m = 0;
     for (; m + 8 <= rows; m += 8)
@@ -138,7 +136,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
                  float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
                  const float* bias) {
   // tiles outer: the few rows of A stay in cache while the tiles of R stream past
-  rows_times_tiles<false>(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end, bias);
+  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
 }
 
 RNNEXT_GEMM_CLONES
@@ -146,16 +144,22 @@ void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
                     float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
   // Groups of 8 rows of C outer: A (a block's gate gradients) is the large operand here, and
   // each 8-column strip of it is read once from memory, copied to contiguous rows (its rows
-  // lda apart would crowd a few sets of the L1 cache), while the caller's few tiles of R (its
-  // packed inputs) stay in cache.
-  std::vector<float> strip(K * 8);
+  // lda apart would crowd a few sets of the L1 cache) in chunks of kStripRows rows (a fixed
+  // buffer on the stack: nothing here allocates, so nothing can throw inside a team), while
+  // the caller's tiles of R (its packed inputs) stay in cache.
+  constexpr int64_t kStripRows = 2048;
+  float strip[kStripRows * 8];
   for (int64_t m = 0; m < M; m += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < rows; ++i) strip[k * rows + i] = A[k * lda + m + i];
+    for (int64_t k0 = 0; k0 < K; k0 += kStripRows) {
+      const int64_t kc = std::min(kStripRows, K - k0);
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t i = 0; i < rows; ++i) strip[k * rows + i] = A[(k0 + k) * lda + m + i];
+      }
+      // the chunk's rows of each tile of R start k0 rows into the tile
+      rows_times_tiles<true>(rows, N, kc, strip, rows, R + k0 * kPackedTile, K,
+                             k0 == 0 ? beta : 1.f, C + m * ldc, ldc, n_begin, n_end, nullptr);
     }
-    rows_times_tiles<true>(rows, N, K, strip.data(), rows, R, beta, C + m * ldc, ldc, n_begin,
-                           n_end, nullptr);
   }
 }
 
