@@ -130,16 +130,18 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 2, 3], ids=lambda n: f"threads{n}")
-def test_threads_share_hidden_units(mode, threads, monkeypatch):
+@pytest.mark.parametrize("batch", [5, 24], ids=lambda b: f"B{b}")
+def test_threads_share_hidden_units(mode, threads, batch, monkeypatch):
     """CPU float32 with H a multiple of 32: the threads run a direction's whole time loop
     together, each on its own tiles of hidden units, meeting at a barrier per step; backward
     they also share the columns of dx and of the weight gradients (packed products). Uneven
     shares (3 tiles of units, an input tile and a partial one), several blocks of steps,
     lengths, an output gradient with permuted strides (gathered by each thread for its
-    units), and 1 to 3 threads (3 on a 2-core machine: more threads than cores)."""
+    units), and 1 to 3 threads (3 on a 2-core machine: more threads than cores), at 5 and 24
+    rows."""
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")
     torch.manual_seed(8)
-    T, B, I, H = 10, 5, 40, 96
+    T, B, I, H = 10, batch, 40, 96
     x = torch.randn(T, B, I, requires_grad=True)
     weights = layer_weights(mode, I, H, dtype=torch.float32)
     h0 = torch.randn(1, B, H, requires_grad=True)
@@ -152,7 +154,8 @@ def test_threads_share_hidden_units(mode, threads, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for lengths in (None, torch.tensor([10, 7, 7, 3, 1])):
+        ragged = [10, 7, 7, 3, 1] if batch == 5 else [10] * 2 + [8] * 10 + [3] * 12
+        for lengths in (None, torch.tensor(ragged)):
             assert_float32_matches(mode, x, weights, h0, False, lengths)
             assert_float32_matches(mode, x, weights, h0, False, lengths, permuted_loss)
     finally:
