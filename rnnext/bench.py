@@ -26,7 +26,7 @@ untimed call of each pass per side; ``torch.mm`` gets one untimed call per shape
 continue until one side has spent ``BUDGET_S`` (1.5 s) of timed work, with at least
 ``MIN_REPEATS`` (3) and at most ``MAX_REPEATS`` (20) repeats; ``--repeats N`` fixes the count
 to N instead, and ``--quick`` uses tiny sizes and ``QUICK_REPEATS``. The default run takes
-about 45 s on an idle 2-core machine (the budget is 3 minutes); busy cores slow it down.
+about 75 s on a 2-core machine (the budget is 3 minutes); busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
 ``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.
