@@ -41,11 +41,13 @@ def test_no_leak_over_10000_calls(mode):
 
 
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
-def test_threads_share_one_module(mode):
+@pytest.mark.parametrize("hidden", [10, 64], ids=lambda h: f"H{h}")
+def test_threads_share_one_module(mode, hidden):
     """4 Python threads calling the same module at once all get the results of calls made
-    one at a time."""
+    one at a time. With H = 64 each CPU call runs its time loops as a team of threads meeting
+    at a barrier per step, so several teams spin at once on fewer cores: none may hang."""
     torch.manual_seed(0)
-    layer = make_module(mode, 6, 10, nn=False, num_layers=2)
+    layer = make_module(mode, 6, hidden, nn=False, num_layers=2)
     inputs = [torch.randn(12, 3, 6) for _ in range(4)]
     expected = [layer(x)[0].detach() for x in inputs]
     got: dict[int, list] = {}
