@@ -461,7 +461,11 @@ template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   std::fill_n(p.dgh_first, B * GH, T(0));
-  run_team(unit_slots(p), [&](const TeamMember& m) {
+  // a team also needs the packed weight-gradient operands: a BLAS call inside it may allocate
+  // or throw, which would leave the other threads at the barrier
+  const bool packed_grads =
+      p.grad_w_ih == nullptr || (p.packed_x != nullptr && p.packed_h != nullptr);
+  run_team(packed_grads ? unit_slots(p) : 1, [&](const TeamMember& m) {
     const Cols units = member_units(m, p);
     const Cols state_cols = m.alone() ? Cols{0, P} : units;  // a team has P == H
     int64_t block_first = 0, block_count = 0;
