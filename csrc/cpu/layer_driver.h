@@ -17,19 +17,13 @@
 #include "../common/layer_sizes.h"
 #include "blas.h"
 #include "packed_gemm.h"
+#include "target_clones.h"
 #include "team.h"
 
 namespace rnnext {
 namespace cpu {
 
-// The pointwise passes are compiled for AVX-512, AVX2 (with FMA) and baseline x86-64, and the
-// loader picks the best one the CPU runs; the binary stays portable (no -march=native).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-#define RNNEXT_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RNNEXT_CPU_CLONES
-#endif
+// The pointwise passes are target clones (target_clones.h).
 
 // Rows of the pointwise pass handed to one thread: enough elements to pay for the hand-off.
 inline int64_t pointwise_grain(int64_t row_elems) {
@@ -184,12 +178,6 @@ int64_t unit_slots(const LayerDims<T>& p) {
   return packed && !p.projected() && p.hidden % kPackedTile == 0 ? p.hidden / kPackedTile : 1;
 }
 
-// A member's hidden units: its share of the tiles of units, or all of them when alone.
-template <typename T>
-Cols member_units(const TeamMember& m, const LayerDims<T>& p) {
-  return m.alone() ? Cols{0, p.hidden} : m.share(p.hidden, kPackedTile);
-}
-
 // Calls f(cols) for the member's columns of a gate product [*, G*H]: each gate's columns of
 // its units, or all G*H columns at once when alone.
 template <typename F>
@@ -208,7 +196,7 @@ template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   run_team(unit_slots(p), [&](const TeamMember& m) {
-    const Cols units = member_units(m, p);
+    const Cols units = m.share(H, kPackedTile);
     int64_t block_first = 0, block_count = 0;
     for (int64_t s = 0; s < p.steps; ++s) {
       const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
@@ -407,7 +395,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   // their shares of src's column tiles, then each multiplies its own rows of grad, its units'
   // rows of every gate, against all the tiles: the strips of dg it reads are the columns it
   // wrote itself, and each strip serves every tile.
-  const Cols units = member_units(m, p);
+  const Cols units = m.share(H, kPackedTile);
   auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, T* packed,
                          T* grad) {
     if (count == 0) return;
@@ -466,8 +454,8 @@ void backward_direction(const BackwardParams<T>& p) {
   const bool packed_grads =
       p.grad_w_ih == nullptr || (p.packed_x != nullptr && p.packed_h != nullptr);
   run_team(packed_grads ? unit_slots(p) : 1, [&](const TeamMember& m) {
-    const Cols units = member_units(m, p);
-    const Cols state_cols = m.alone() ? Cols{0, P} : units;  // a team has P == H
+    const Cols units = m.share(H, kPackedTile);
+    const Cols state_cols = m.share(P, kPackedTile);  // (a team has P == H: its units)
     int64_t block_first = 0, block_count = 0;
     for (int64_t s = p.steps - 1; s >= 0; --s) {
       const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "target_clones.h"
+
 namespace rnnext {
 namespace cpu {
 namespace {
@@ -124,14 +126,7 @@ inline __attribute__((always_inline)) void rows_times_tiles(
 
 }  // namespace
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-#define RNNEXT_GEMM_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RNNEXT_GEMM_CLONES
-#endif
-
-RNNEXT_GEMM_CLONES
+RNNEXT_CPU_CLONES
 void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
                  float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
                  const float* bias) {
@@ -139,7 +134,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
 }
 
-RNNEXT_GEMM_CLONES
+RNNEXT_CPU_CLONES
 void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
                     float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
   // Groups of 8 rows of C outer: A (a block's gate gradients) is the large operand here, and
