@@ -21,21 +21,26 @@ of a wrong result is ever reported; ``main()`` then exits with status 1.
 
 Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
 around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine
-noise hits both alike, and the minimum is reported. The agreement check is the warm-up (one
-untimed call of each pass per side; ``torch.mm`` gets one untimed call per shape); then repeats
-continue until one side has spent ``BUDGET_S`` (1.5 s) of timed work, with at least
-``MIN_REPEATS`` (3) and at most ``MAX_REPEATS`` (20) repeats; ``--repeats N`` fixes the count
-to N instead, and ``--quick`` uses tiny sizes and ``QUICK_REPEATS``. The default run takes
-about 75 s on a 2-core machine (the budget is 3 minutes); busy cores slow it down.
+noise hits both alike, and the minimum is reported. The configurations are timed in
+``ROUNDS`` (3) rounds, one pass through all of them after the other, and each side's minimum
+is taken over all rounds: on a shared machine a slow spell (other work on the host) lasts
+seconds to minutes, and rounds tens of seconds apart give every configuration several chances
+to be timed outside one, on both sides alike. The agreement check is the warm-up (one untimed
+call of each pass per side; ``torch.mm`` gets one untimed call per shape); then, in each round,
+repeats continue until one side has spent ``BUDGET_S`` (0.5 s) of timed work, with at least
+``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N`` fixes the count
+per round to N instead, ``--rounds R`` the number of rounds, and ``--quick`` uses tiny sizes,
+one round and ``QUICK_REPEATS``. The default run takes about 90 s on a 2-core machine (the
+budget is 3 minutes); busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
 ``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.
 ``2*T*B*(I+H)*G*H``, and forward+backward three times that. For each such shape the benchmark
-measures once per run (and caches) the FLOP/s that ``torch.mm`` reaches on it, with the same
-repeat policy. The efficiency is the time ``torch.mm`` would need for the layer's FLOPs divided
-by rnnext's time; for one layer this is ``(FLOPs / rnnext time) / torch.mm FLOP/s``, and for
-several layers (where layer l > 0 has input size ``H * directions``) the ideal times of the
-layers are summed.
+measures the FLOP/s that ``torch.mm`` reaches on it once per round, with the same repeat
+policy, and keeps the best. The efficiency is the time ``torch.mm`` would need for the layer's
+FLOPs divided by rnnext's best time; for one layer this is ``(FLOPs / rnnext time) /
+torch.mm FLOP/s``, and for several layers (where layer l > 0 has input size
+``H * directions``) the ideal times of the layers are summed.
 
 Outputs: a progress bar on stderr (tqdm, or a plain counter without it), a table on stdout,
 and in ``--out`` (default ``bench-results/``) ``bench.json`` (one record per configuration
@@ -54,7 +59,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, TypeVar, Union
 
 import torch
 from torch import nn
@@ -78,9 +83,10 @@ EXTRA_LAYERS = 2
 EXTRA_SIZE: Shape = (200, 32, 256)
 QUICK_EXTRA_SIZE: Shape = (10, 2, 8)
 
-MIN_REPEATS = 3
-MAX_REPEATS = 20
-BUDGET_S = 1.5
+ROUNDS = 3
+MIN_REPEATS = 2
+MAX_REPEATS = 8
+BUDGET_S = 0.5
 QUICK_REPEATS = 3
 RTOL = 1e-3
 ATOL = 1e-4
@@ -148,10 +154,11 @@ class Config:
 class RepeatPolicy:
     """How many times a measurement is repeated; see the module docstring."""
 
-    min_repeats: int = MIN_REPEATS
-    max_repeats: int = MAX_REPEATS
-    budget_s: float = BUDGET_S
+    min_repeats: int = MIN_REPEATS  # per round
+    max_repeats: int = MAX_REPEATS  # per round
+    budget_s: float = BUDGET_S  # per round and side
     warmup: int = 1
+    rounds: int = ROUNDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +346,7 @@ def _pass_step(module: nn.Module, x: Tensor, hx: State, pass_name: str) -> Step:
 
 
 class GemmRates:
-    """``torch.mm`` FLOP/s per product shape, measured on first use and cached for the run."""
+    """``torch.mm`` FLOP/s per product shape: measured on first use in each round, the best kept."""
 
     def __init__(
         self,
@@ -353,16 +360,27 @@ class GemmRates:
         self.policy = policy
         self.sync = sync
         self._rates: dict[Shape, float] = {}
+        self._measured: set[Shape] = set()  # shapes measured in the current round
+
+    def new_round(self) -> None:
+        """Makes the next use of each shape measure it again."""
+        self._measured.clear()
 
     def rate(self, shape: Shape) -> float:
         """Best FLOP/s of ``torch.mm`` on ``[M, K] x [K, N]`` for ``shape = (M, K, N)``."""
-        if shape not in self._rates:
+        if shape not in self._measured:
             m, k, n = shape
             a = torch.randn(m, k, dtype=self.dtype, device=self.device)
             b = torch.randn(k, n, dtype=self.dtype, device=self.device)
             (seconds,), _ = best_times([Step(lambda: torch.mm(a, b))], self.policy, self.sync)
-            self._rates[shape] = gemm_flops(shape) / seconds
+            self._rates[shape] = max(self._rates.get(shape, 0.0), gemm_flops(shape) / seconds)
+            self._measured.add(shape)
         return self._rates[shape]
+
+    def measure(self, config: Config) -> None:
+        """Measures (once per round) the shapes of ``config``'s layers."""
+        for shape in config.gemm_shapes():
+            self.rate(shape)
 
     def efficiency(self, config: Config, pass_name: str, seconds: float) -> float:
         """Time ``torch.mm`` needs for the pass's FLOPs divided by ``seconds``."""
@@ -406,17 +424,20 @@ def machine_info(device: torch.device, dtype_name: str) -> Record:
     }
 
 
-def bench_config(
-    config: Config,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    seed: int,
-    policy: RepeatPolicy,
-    gemm: GemmRates,
-    machine: Record,
-) -> list[Record]:
-    """Checks and times one configuration; one record per pass."""
+@dataclasses.dataclass
+class Trial:
+    """One configuration's records and timed steps (``[torch.nn, rnnext]`` per pass, none when
+    the results disagreed), kept from round to round."""
+
+    config: Config
+    records: list[Record]
+    steps: dict[str, list[Step]]
+
+
+def prepare_config(
+    config: Config, *, dtype: torch.dtype, device: torch.device, seed: int, machine: Record
+) -> Trial:
+    """Builds one configuration's modules and inputs and checks that their results agree."""
     records = [
         {
             "config": config.label,
@@ -433,7 +454,8 @@ def bench_config(
             "rnnext_ms": None,
             "ratio": None,
             "gemm_efficiency": None,
-            "repeats": None,
+            "repeats": 0,
+            "rounds": 0,
             "agree": None,
             "status": "ok",
             "note": "",
@@ -447,37 +469,56 @@ def bench_config(
     if mismatch is not None:
         for record in records:
             record.update(status="MISMATCH", agree=False, note=mismatch)
-        return records
-    # check_agreement ran each pass once on each module: that was the warm-up.
-    warmed = dataclasses.replace(policy, warmup=0)
-    for record in records:
-        steps = [_pass_step(module, x, hx, record["pass"]) for module in (reference, fused)]
-        (torch_s, rnnext_s), repeats = best_times(steps, warmed, gemm.sync)
-        record.update(
-            torch_ms=torch_s * 1e3,
-            rnnext_ms=rnnext_s * 1e3,
-            ratio=torch_s / rnnext_s,
-            gemm_efficiency=gemm.efficiency(config, record["pass"], rnnext_s),
-            repeats=repeats,
-            agree=True,
-        )
-    return records
+        return Trial(config, records, {})
+    # check_agreement ran each pass once on each module: that was the warm-up
+    steps = {
+        pass_name: [_pass_step(module, x, hx, pass_name) for module in (reference, fused)]
+        for pass_name in PASSES
+    }
+    return Trial(config, records, steps)
 
 
-def _progress(configs: Sequence[Config]) -> Iterator[Config]:
-    """Yields the configs while showing progress on stderr (tqdm, or a plain counter)."""
+def time_round(trial: Trial, policy: RepeatPolicy, sync: Callable[[], None]) -> None:
+    """Times the trial's passes for one round; each side keeps its best time of all rounds."""
+    for record in trial.records:
+        if record["pass"] not in trial.steps:
+            continue
+        (torch_s, rnnext_s), repeats = best_times(trial.steps[record["pass"]], policy, sync)
+        for key, seconds in (("torch_ms", torch_s), ("rnnext_ms", rnnext_s)):
+            record[key] = min(seconds * 1e3, record[key] or float("inf"))
+        record.update(repeats=record["repeats"] + repeats, rounds=record["rounds"] + 1, agree=True)
+
+
+def finish_records(trial: Trial, gemm: GemmRates) -> list[Record]:
+    """The trial's records with ratios and GEMM efficiencies from the best times."""
+    for record in trial.records:
+        if record["rnnext_ms"] is not None:
+            record.update(
+                ratio=record["torch_ms"] / record["rnnext_ms"],
+                gemm_efficiency=gemm.efficiency(
+                    trial.config, record["pass"], record["rnnext_ms"] / 1e3
+                ),
+            )
+    return trial.records
+
+
+Item = TypeVar("Item")
+
+
+def _progress(items: Sequence[Item], label: Callable[[Item], str]) -> Iterator[Item]:
+    """Yields the items while showing progress on stderr (tqdm, or a plain counter)."""
     try:
         from tqdm import tqdm
     except ImportError:
         print("note: tqdm is not installed; plain progress counter", file=sys.stderr)
-        for index, config in enumerate(configs, 1):
-            print(f"[{index}/{len(configs)}] {config.label}", file=sys.stderr, flush=True)
-            yield config
+        for index, item in enumerate(items, 1):
+            print(f"[{index}/{len(items)}] {label(item)}", file=sys.stderr, flush=True)
+            yield item
         return
-    with tqdm(configs, file=sys.stderr, unit="config", dynamic_ncols=True) as bar:
-        for config in bar:
-            bar.set_postfix_str(config.label)
-            yield config
+    with tqdm(items, file=sys.stderr, unit="config", dynamic_ncols=True) as bar:
+        for item in bar:
+            bar.set_postfix_str(label(item))
+            yield item
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -624,8 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats",
         type=int,
-        help=f"timed repeats per side (default: adaptive, {MIN_REPEATS} to {MAX_REPEATS}, "
-        f"until {BUDGET_S} s per side)",
+        help=f"timed repeats per side and round (default: adaptive, {MIN_REPEATS} to "
+        f"{MAX_REPEATS}, until {BUDGET_S} s per side)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"passes through all configurations, best time of all kept (default: {ROUNDS}; "
+        "1 with --quick)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and few repeats, for a smoke test"
@@ -681,32 +728,48 @@ def run(argv: Sequence[str] | None = None) -> list[Record]:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    for option in ("threads", "repeats"):
+    for option in ("threads", "repeats", "rounds"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    rounds = args.rounds if args.rounds is not None else 1 if args.quick else ROUNDS
     if args.repeats is not None:
-        policy = RepeatPolicy(args.repeats, args.repeats)
+        policy = RepeatPolicy(args.repeats, args.repeats, rounds=rounds)
     elif args.quick:
-        policy = RepeatPolicy(QUICK_REPEATS, QUICK_REPEATS)
+        policy = RepeatPolicy(QUICK_REPEATS, QUICK_REPEATS, rounds=rounds)
     else:
-        policy = RepeatPolicy()
+        policy = RepeatPolicy(rounds=rounds)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     machine = machine_info(device, args.dtype)
-    gemm = GemmRates(dtype, device, policy, _sync_for(device))
-    records: list[Record] = []
-    for config in _progress(configs_from_args(args)):
-        records += bench_config(
-            config,
-            dtype=dtype,
-            device=device,
-            seed=args.seed,
-            policy=policy,
-            gemm=gemm,
-            machine=machine,
-        )
+    sync = _sync_for(device)
+    gemm = GemmRates(dtype, device, policy, sync)
+    configs = configs_from_args(args)
+    trials: list[Trial] = []
+    work = [
+        (round_index, index)
+        for round_index in range(policy.rounds)
+        for index in range(len(configs))
+    ]
+
+    def label(item: tuple[int, int]) -> str:
+        return f"round {item[0] + 1}/{policy.rounds} {configs[item[1]].label}"
+
+    for round_index, index in _progress(work, label):
+        if index == 0:
+            gemm.new_round()
+        if round_index == 0:
+            trials.append(
+                prepare_config(
+                    configs[index], dtype=dtype, device=device, seed=args.seed, machine=machine
+                )
+            )
+        trial = trials[index]
+        if trial.steps:
+            time_round(trial, dataclasses.replace(policy, warmup=0), sync)
+            gemm.measure(trial.config)
+    records = [record for trial in trials for record in finish_records(trial, gemm)]
     print(format_table(records))
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "bench.json"

@@ -1,0 +1,66 @@
+"""The benchmark's bookkeeping: agreement check, best of rounds, ratios and written files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rnnext import bench
+
+
+def test_quick_run_writes_consistent_records(tmp_path):
+    records = bench.run(
+        ["--quick", "--cells", "gru", "--rounds", "2", "--repeats", "2", "--out", str(tmp_path)]
+    )
+    configs = bench.configs_from_args(
+        bench.build_parser().parse_args(["--quick", "--cells", "gru"])
+    )
+    assert len(records) == len(configs) * len(bench.PASSES)
+    for record in records:
+        assert record["agree"] is True and record["status"] == "ok"
+        assert record["rounds"] == 2 and record["repeats"] == 4
+        assert record["torch_ms"] > 0 and record["rnnext_ms"] > 0
+        assert record["ratio"] == pytest.approx(record["torch_ms"] / record["rnnext_ms"])
+        assert record["gemm_efficiency"] > 0
+    written = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(records))
+
+
+def test_each_side_keeps_its_best_round(monkeypatch):
+    config = bench.Config("gru", 4, 2, 8)
+    machine = bench.machine_info(torch.device("cpu"), "float32")
+    trial = bench.prepare_config(
+        config, dtype=torch.float32, device=torch.device("cpu"), seed=0, machine=machine
+    )
+    # per call (round by round, pass by pass): (torch.nn s, rnnext s), repeats
+    first, second = ((0.002, 0.004), 3), ((0.003, 0.001), 2)
+    results = iter([first] * len(bench.PASSES) + [second] * len(bench.PASSES))
+    monkeypatch.setattr(bench, "best_times", lambda steps, policy, sync: next(results))
+    for _ in range(2):
+        bench.time_round(trial, bench.RepeatPolicy(), lambda: None)
+    for record in trial.records:
+        assert record["torch_ms"] == pytest.approx(2.0)
+        assert record["rnnext_ms"] == pytest.approx(1.0)
+        assert record["repeats"] == 5 and record["rounds"] == 2
+
+
+def test_disagreeing_results_are_not_timed(monkeypatch, tmp_path):
+    build_pair = bench.build_pair
+
+    def broken_pair(*args, **kwargs):
+        reference, fused = build_pair(*args, **kwargs)
+        with torch.no_grad():
+            fused.weight_hh_l0.add_(0.1)
+        return reference, fused
+
+    monkeypatch.setattr(bench, "build_pair", broken_pair)
+    argv = ["--quick", "--cells", "lstm", "--sizes", "5x2x4", "--out", str(tmp_path)]
+    records = bench.run(argv)
+    assert records and all(r["status"] == "MISMATCH" and r["agree"] is False for r in records)
+    assert all(r["ratio"] is None and r["rnnext_ms"] is None for r in records)
+    monkeypatch.setattr("sys.argv", ["bench", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 1
