@@ -5,7 +5,8 @@ Two measurements, each in its own section of the output and of the JSON file:
 * lengths: forward+backward on a padded batch with per-sequence lengths (T=200, B=32,
   I=H=256, lengths uniform in [50, 200] by default). torch.nn runs a PackedSequence (and, for
   scale, the padded batch without lengths); rnnext runs ``lengths=`` and the same
-  PackedSequence. Same weights and inputs, interleaved, best of --repeats.
+  PackedSequence. Same weights and inputs, interleaved, best of --rounds (3) rounds of
+  --repeats (5) repeats, GRU and LSTM taking turns.
 * memory: peak memory and time of one forward+backward of ``output.sum()`` at (T=100000,
   B=8, I=H=256): rnnext by default and with ``checkpoint_every``, and torch.nn with
   --with-torch-memory (on the CPU it needs about 14 GB and takes minutes). On the CPU the
@@ -52,9 +53,8 @@ def best_of(fns: dict, repeats: int, device: str = "cpu") -> dict:
     return {name: t * 1e3 for name, t in times.items()}
 
 
-def lengths_case(
-    cell: str, T: int, B: int, H: int, low: int, repeats: int, device: str = "cpu"
-) -> dict:
+def lengths_steps(cell: str, T: int, B: int, H: int, low: int, device: str = "cpu") -> dict:
+    """The timed callables of the lengths measurement, on the same weights and inputs."""
     torch.manual_seed(0)
     theirs = getattr(torch.nn, cell)(H, H).to(device)
     ours = getattr(rnnext, cell)(H, H).to(device)
@@ -74,30 +74,45 @@ def lengths_case(
         return step
 
     # packing is part of the packed path's cost, so it is rebuilt inside the timed step
-    times = best_of(
-        {
-            "torch_packed": lambda: run(
-                theirs, pack_padded_sequence(x, lengths, enforce_sorted=False)
-            )(),
-            "torch_padded": run(theirs, x),
-            "rnnext_lengths": run(ours, x, lengths=lengths),
-            "rnnext_packed": lambda: run(
-                ours, pack_padded_sequence(x, lengths, enforce_sorted=False)
-            )(),
-        },
-        repeats,
-        device,
-    )
     return {
-        "cell": cell,
-        "device": device,
-        "T": T,
-        "B": B,
-        "H": H,
-        "lengths": f"uniform in [{low}, {T}]",
-        **{f"{k}_ms": round(v, 2) for k, v in times.items()},
-        "ratio_packed_over_lengths": round(times["torch_packed"] / times["rnnext_lengths"], 2),
+        "torch_packed": lambda: run(
+            theirs, pack_padded_sequence(x, lengths, enforce_sorted=False)
+        )(),
+        "torch_padded": run(theirs, x),
+        "rnnext_lengths": run(ours, x, lengths=lengths),
+        "rnnext_packed": lambda: run(
+            ours, pack_padded_sequence(x, lengths, enforce_sorted=False)
+        )(),
     }
+
+
+def lengths_cases(
+    cells: tuple[str, ...], T: int, B: int, H: int, low: int, repeats: int, rounds: int, device: str
+) -> list[dict]:
+    """Best times of each cell's callables over ``rounds`` rounds of ``repeats`` repeats, the
+    cells taking turns, so that a slow spell of the machine lasting seconds cannot decide a
+    figure."""
+    steps = {cell: lengths_steps(cell, T, B, H, low, device) for cell in cells}
+    best = {cell: {name: float("inf") for name in steps[cell]} for cell in cells}
+    for _ in range(rounds):
+        for cell in cells:
+            for name, ms in best_of(steps[cell], repeats, device).items():
+                best[cell][name] = min(best[cell][name], ms)
+    return [
+        {
+            "cell": cell,
+            "device": device,
+            "T": T,
+            "B": B,
+            "H": H,
+            "lengths": f"uniform in [{low}, {T}]",
+            **{f"{k}_ms": round(v, 2) for k, v in best[cell].items()},
+            "ratio_packed_over_lengths": round(
+                best[cell]["torch_packed"] / best[cell]["rnnext_lengths"], 2
+            ),
+        }
+        for cell in cells
+    ]
 
 
 def memory_child(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> None:
@@ -150,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=100_000)
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--with-torch-memory", action="store_true")
@@ -164,7 +180,7 @@ def main() -> None:
 
     T, B, H, low = (40, 8, 32, 10) if args.quick else (200, 32, 256, 50)
     mem_T = 2000 if args.quick else args.memory_steps
-    repeats = 2 if args.quick else args.repeats
+    repeats, rounds = (2, 1) if args.quick else (args.repeats, args.rounds)
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -176,12 +192,14 @@ def main() -> None:
         "lengths": [],
         "memory": [],
     }
-    print(f"forward+backward with per-sequence lengths (best of {repeats}, ms)")
-    for cell in ("GRU", "LSTM"):
-        row = lengths_case(cell, T, B, H, low, repeats, args.device)
+    print(
+        f"forward+backward with per-sequence lengths (best of {rounds} rounds of {repeats} "
+        "repeats, ms)"
+    )
+    for row in lengths_cases(("GRU", "LSTM"), T, B, H, low, repeats, rounds, args.device):
         report["lengths"].append(row)
         print(
-            f"  {cell:4}  torch.nn packed {row['torch_packed_ms']:8.1f}  "
+            f"  {row['cell']:4}  torch.nn packed {row['torch_packed_ms']:8.1f}  "
             f"padded {row['torch_padded_ms']:8.1f} | rnnext lengths "
             f"{row['rnnext_lengths_ms']:8.1f}  packed {row['rnnext_packed_ms']:8.1f}  "
             f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
