@@ -184,8 +184,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
 
   // Gradients, per direction ([D, ...]) where the directions, running concurrently, would
-  // otherwise add into the same memory.
-  const Tensor grad_x = need_input ? at::zeros({s.D, s.T, s.B, s.I}, opts) : Tensor();
+  // otherwise write into the same memory; grad_x needs no zeroing (the driver writes it whole).
+  const Tensor grad_x = need_input ? at::empty({s.D, s.T, s.B, s.I}, opts) : Tensor();
   std::vector<std::vector<Tensor>> grad_w(s.D);
   for (int64_t d = 0; d < s.D && need_weights; ++d) grad_w[d] = zero_weight_gradients(s, d, opts);
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);

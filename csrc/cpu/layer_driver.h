@@ -257,8 +257,8 @@ struct BackwardParams : LayerDims<T> {
   const T* workspace;    // [T, B, ws_row] what forward saved
   const T* grad_output;  // [T, B, *] with the strides below, or null for a zero gradient
   int64_t go_stride_t, go_stride_b, go_stride_j;
-  // Gradients, each null when not wanted. grad_x is written (one direction) or added to (its
-  // rows must start zeroed); the weight gradients are added to and must start zeroed.
+  // Gradients, each null when not wanted. grad_x is written whole (zeros past each row's end);
+  // the weight gradients are added to and must start zeroed.
   T* grad_x;     // [T, B, I]
   T* grad_w_ih;  // [G*H, I]
   T* grad_w_hh;  // [G*H, P], all but the h0 term (see dgh_first)
@@ -335,8 +335,14 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   const int64_t rows = p.compact_rows(first, count);
   const Cols in_cols = m.share(I, kPackedTile);
   if (p.grad_x != nullptr) {
-    block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(1),
+    block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(0),
                        p.grad_x + first * B * I, I, /*c_compact=*/false, nullptr, in_cols);
+    for (int64_t t = first; t < first + count; ++t) {  // rows past their end (no GEMM row)
+      for (int64_t b = p.batch_sizes[t]; b < B; ++b) {
+        std::fill(p.grad_x + (t * B + b) * I + in_cols.begin,
+                  p.grad_x + (t * B + b) * I + in_cols.end, T(0));
+      }
+    }
   }
   if (p.grad_w_ih == nullptr) {
     m.sync();
