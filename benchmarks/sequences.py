@@ -164,7 +164,9 @@ def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, 1 round of 2 repeats, for a smoke test"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="repeats per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=100_000)
@@ -180,6 +182,9 @@ def main() -> None:
 
     T, B, H, low = (40, 8, 32, 10) if args.quick else (200, 32, 256, 50)
     mem_T = 2000 if args.quick else args.memory_steps
+    for option in ("repeats", "rounds"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     repeats, rounds = (2, 1) if args.quick else (args.repeats, args.rounds)
     report = {
         "machine": {

@@ -20,18 +20,19 @@ configuration that disagrees is recorded with ``"agree": false`` and is not time
 of a wrong result is ever reported; ``main()`` then exits with status 1.
 
 Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
-around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine
-noise hits both alike, and the minimum is reported. The configurations are timed in
-``ROUNDS`` (3) rounds, one pass through all of them after the other, and each side's minimum
-is taken over all rounds: on a shared machine a slow spell (other work on the host) lasts
-seconds to minutes, and rounds tens of seconds apart give every configuration several chances
-to be timed outside one, on both sides alike. The agreement check is the warm-up (one untimed
-call of each pass per side; ``torch.mm`` gets one untimed call per shape); then, in each round,
-repeats continue until one side has spent ``BUDGET_S`` (0.5 s) of timed work, with at least
-``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N`` fixes the count
-per round to N instead, ``--rounds R`` the number of rounds, and ``--quick`` uses tiny sizes,
-one round and ``QUICK_REPEATS``. The default run takes about 90 s on a 2-core machine (the
-budget is 3 minutes); busy cores slow it down.
+around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine noise
+hits both alike, and the minimum is reported. The configurations are timed in ``ROUNDS`` (3)
+rounds, one pass through all of them after the other, and each side's minimum is taken over all
+rounds: on a shared machine a slow spell (other work on the host) lasts seconds to minutes, and
+rounds tens of seconds apart give every configuration several chances to be timed outside one,
+on both sides alike. Each round starts a configuration with one untimed call of each pass per
+side (in the first round the agreement check is that call), and ``torch.mm`` with one untimed
+call per shape; then repeats continue until one side has spent ``BUDGET_S`` (0.5 s) of timed
+work, with at least ``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N``
+fixes the count per round to N instead, ``--rounds R`` the number of rounds, and ``--quick``
+uses tiny sizes, one round and ``QUICK_REPEATS``. A record's ``repeats`` counts the timed
+repeats of all its ``rounds``. The default run takes about 110 s on a 2-core machine (the budget
+is 3 minutes); busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
 ``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.
@@ -470,7 +471,6 @@ def prepare_config(
         for record in records:
             record.update(status="MISMATCH", agree=False, note=mismatch)
         return Trial(config, records, {})
-    # check_agreement ran each pass once on each module: that was the warm-up
     steps = {
         pass_name: [_pass_step(module, x, hx, pass_name) for module in (reference, fused)]
         for pass_name in PASSES
@@ -767,7 +767,9 @@ def run(argv: Sequence[str] | None = None) -> list[Record]:
             )
         trial = trials[index]
         if trial.steps:
-            time_round(trial, dataclasses.replace(policy, warmup=0), sync)
+            # in the first round the agreement check just ran each pass: that was the warm-up
+            warmup = 0 if round_index == 0 else policy.warmup
+            time_round(trial, dataclasses.replace(policy, warmup=warmup), sync)
             gemm.measure(trial.config)
     records = [record for trial in trials for record in finish_records(trial, gemm)]
     print(format_table(records))

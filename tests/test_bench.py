@@ -64,3 +64,22 @@ def test_disagreeing_results_are_not_timed(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
     assert exit_info.value.code == 1
+
+
+def test_gemm_rates_measure_once_per_round_and_keep_the_best(monkeypatch):
+    seconds = iter([0.004, 0.002, 0.008])  # one measurement per round
+    calls = []
+
+    def fake_best_times(steps, policy, sync):
+        calls.append(len(steps))
+        return [next(seconds)], 1
+
+    monkeypatch.setattr(bench, "best_times", fake_best_times)
+    gemm = bench.GemmRates(torch.float32, torch.device("cpu"), bench.RepeatPolicy(), lambda: None)
+    shape = (4, 3, 2)
+    flops = bench.gemm_flops(shape)
+    for expected in (flops / 0.004, flops / 0.002, flops / 0.002):
+        gemm.new_round()
+        assert gemm.rate(shape) == pytest.approx(expected)
+        assert gemm.rate(shape) == pytest.approx(expected)  # cached within the round
+    assert len(calls) == 3
