@@ -27,12 +27,12 @@ rounds: on a shared machine a slow spell (other work on the host) lasts seconds 
 rounds tens of seconds apart give every configuration several chances to be timed outside one,
 on both sides alike. Each round starts a configuration with one untimed call of each pass per
 side (in the first round the agreement check is that call), and ``torch.mm`` with one untimed
-call per shape; then repeats continue until one side has spent ``BUDGET_S`` (0.5 s) of timed
+call per shape; then repeats continue until one side has spent ``BUDGET_S`` (0.4 s) of timed
 work, with at least ``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N``
 fixes the count per round to N instead, ``--rounds R`` the number of rounds, and ``--quick``
 uses tiny sizes, one round and ``QUICK_REPEATS``. A record's ``repeats`` counts the timed
-repeats of all its ``rounds``. The default run takes about 110 s on a 2-core machine (the budget
-is 3 minutes); busy cores slow it down.
+repeats of all its ``rounds``. The default run takes 90-150 s on a 2-core machine (the budget is
+3 minutes); busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
 ``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.
@@ -87,7 +87,7 @@ QUICK_EXTRA_SIZE: Shape = (10, 2, 8)
 ROUNDS = 3
 MIN_REPEATS = 2
 MAX_REPEATS = 8
-BUDGET_S = 0.5
+BUDGET_S = 0.4
 QUICK_REPEATS = 3
 RTOL = 1e-3
 ATOL = 1e-4
