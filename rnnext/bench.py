@@ -31,7 +31,7 @@ call per shape; then repeats continue until one side has spent ``BUDGET_S`` (0.4
 work, with at least ``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N``
 fixes the count per round to N instead, ``--rounds R`` the number of rounds, and ``--quick``
 uses tiny sizes, one round and ``QUICK_REPEATS``. A record's ``repeats`` counts the timed
-repeats of all its ``rounds``. The default run takes 90-150 s on a 2-core machine (the budget is
+repeats of all its ``rounds``. The default run takes about 90 s on a 2-core machine (the budget is
 3 minutes); busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
