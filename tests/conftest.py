@@ -18,6 +18,18 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def full_float32_in_cudnn():
+    """torch.nn's float32 RNNs on CUDA run in cuDNN, which by default multiplies in TF32 (a
+    10-bit mantissa, errors near 1e-3); rnnext's cuBLAS GEMMs follow
+    torch.backends.cuda.matmul.allow_tf32, off by default. Comparisons with torch.nn need
+    both in full float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def make_module(mode: str, input_size: int, hidden_size: int, *, nn: bool, **kwargs):
     """A torch.nn (nn=True) or rnnext module of the given mode."""
     lib = torch.nn if nn else rnnext
