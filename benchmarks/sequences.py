@@ -31,6 +31,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
+from rnnext.bench import paused_gc
 
 
 def _sync(device: str) -> None:
@@ -43,13 +44,14 @@ def best_of(fns: dict, repeats: int, device: str = "cpu") -> dict:
     for fn in fns.values():
         fn()  # warm-up
     times = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name] = min(times[name], time.perf_counter() - start)
+    with paused_gc():
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name] = min(times[name], time.perf_counter() - start)
     return {name: t * 1e3 for name, t in times.items()}
 
 

@@ -21,7 +21,8 @@ of a wrong result is ever reported; ``main()`` then exits with status 1.
 
 Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
 around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine noise
-hits both alike, and the minimum is reported. The configurations are timed in ``ROUNDS`` (3)
+hits both alike, with Python's garbage collector paused (as ``timeit`` does), and the
+minimum is reported. The configurations are timed in ``ROUNDS`` (3)
 rounds, one pass through all of them after the other, and each side's minimum is taken over all
 rounds: on a shared machine a slow spell (other work on the host) lasts seconds to minutes, and
 rounds tens of seconds apart give every configuration several chances to be timed outside one,
@@ -52,8 +53,10 @@ configuration; needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -292,10 +295,33 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off while timing (as ``timeit`` does): a collection
+    walks every object of the process, torch's included, and would land inside a timed call;
+    it runs once before instead."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def best_times(
     steps: Sequence[Step], policy: RepeatPolicy, sync: Callable[[], None]
 ) -> tuple[list[float], int]:
-    """Times the steps interleaved, repeat by repeat; each one's best time (s) and the count."""
+    """Times the steps interleaved, repeat by repeat, with the garbage collector paused; each
+    one's best time (s) and the count."""
+    with paused_gc():
+        return _best_times(steps, policy, sync)
+
+
+def _best_times(
+    steps: Sequence[Step], policy: RepeatPolicy, sync: Callable[[], None]
+) -> tuple[list[float], int]:
 
     def once(step: Step) -> float:
         if step.reset is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -83,3 +84,14 @@ def test_gemm_rates_measure_once_per_round_and_keep_the_best(monkeypatch):
         assert gemm.rate(shape) == pytest.approx(expected)
         assert gemm.rate(shape) == pytest.approx(expected)  # cached within the round
     assert len(calls) == 3
+
+
+def test_timed_calls_run_with_the_garbage_collector_paused():
+    """A collection inside a timed call would add the walk over every object to its time."""
+    seen = []
+    step = bench.Step(lambda: seen.append(gc.isenabled()))
+    policy = bench.RepeatPolicy(warmup=0, min_repeats=2, max_repeats=2)
+    assert gc.isenabled()
+    bench.best_times([step], policy, lambda: None)
+    assert seen == [False, False]
+    assert gc.isenabled()
