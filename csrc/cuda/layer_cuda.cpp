@@ -1,7 +1,8 @@
 // CUDA implementations of rnnext::layer_forward and rnnext::layer_backward: argument checks,
 // the device guard, buffers and the current stream and cuBLAS handle here; the time loops and
 // kernels in layer_driver.cu, which sees no torch header. Directions run one after the other
-// on the current stream, sharing their scratch buffers.
+// on the current stream, sharing their scratch buffers; a call that repeats one before (same
+// buffers, sizes and lengths) replays their launches as a CUDA graph (graph_replay.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../common/layer_args.h"
+#include "graph_replay.h"
 #include "layer_driver.h"
 
 namespace rnnext {
@@ -85,6 +87,17 @@ Tensor zero_padding(const Tensor& input, const LayerShape& s) {
   return input.masked_fill(past_end.unsqueeze(2).to(input.device()), 0);
 }
 
+// The key of a call's time loops for enqueue_replayable: the pass, the cell, the dtype and
+// every direction's params (pointers, sizes and step order).
+template <typename Params>
+std::vector<int64_t> call_key(int64_t pass, const LayerShape& s, const Tensor& input,
+                              const std::vector<Params>& params) {
+  std::vector<int64_t> key{pass, static_cast<int64_t>(s.cell),
+                           static_cast<int64_t>(input.scalar_type())};
+  for (const Params& p : params) append_params(key, p);
+  return key;
+}
+
 void check_sizes(const char* op, const LayerShape& s) {
   const int64_t limit = std::numeric_limits<int32_t>::max();
   const int64_t widest = std::max({s.G * s.H, s.I, s.P, s.ws_row});
@@ -115,31 +128,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (s.B == 0) return {output, h_n, c_n, workspace};
   const Tensor xg = at::empty({block_steps(s), s.B, s.G * s.H}, acc_opts);
   const Tensor hg = at::empty({s.B, s.G * s.H}, acc_opts);
-  const Tensor c_state = has_state ? at::empty({s.B, s.H}, acc_opts) : Tensor();
+  const Tensor c_state = has_state ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
   const Tensor step_scratch = at::empty({need_workspace ? 0 : s.B, s.ws_row}, opts);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+  std::vector<DirectionTensors> inputs;
+  for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnnext_layer_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
+        std::vector<ForwardParams<T>> params(s.D);  // value-initialised: keys compare bytes
         for (int64_t d = 0; d < s.D; ++d) {
-          const DirectionTensors in(s, d, hx, cx, opts);
-          if (has_state) c_state.copy_(in.c0);
-          ForwardParams<T> p;
-          fill_dims(p, s, input, d, in);
+          ForwardParams<T>& p = params[d];
+          fill_dims(p, s, input, d, inputs[d]);
           p.xg = data<acc_t<T>>(xg);
           p.hg = data<acc_t<T>>(hg);
-          p.c_state = data<acc_t<T>>(c_state);
+          p.c_state = has_state ? data<acc_t<T>>(c_state) + d * s.B * s.H : nullptr;
           p.output = data<T>(output) + d * s.P;
           p.h_n = data<T>(h_n) + d * s.B * s.P;
           p.workspace = need_workspace ? data<T>(workspace) + d * workspace.stride(0) : nullptr;
           p.step_scratch = data<T>(step_scratch);
-          forward_direction<T>(s.cell, p, blas, stream);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (has_state) c_n[d].copy_(c_state);
+          if (has_state) c_state[d].copy_(inputs[d].c0);
         }
+        // the directions share xg and hg, so they run one after the other
+        enqueue_replayable(call_key(0, s, input, params), s.D * s.T,
+                           [&](cudaStream_t stream, cublasHandle_t blas) {
+                             for (const auto& p : params)
+                               forward_direction<T>(s.cell, p, blas, stream);
+                           });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+  if (has_state) c_n.copy_(c_state);
   return {output, h_n, c_n, workspace};
 }
 
@@ -188,8 +206,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_h = s.has_proj ? at::empty({steps, s.B, s.P}, opts) : Tensor();
   const Tensor dm = s.has_proj ? at::empty({s.B, s.H}, acc_opts) : Tensor();
   const Tensor ones = at::ones({steps * s.B}, opts);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
@@ -198,11 +214,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
         at::kHalf, at::kBFloat16, input.scalar_type(), "rnnext_layer_backward_cuda", [&] {
           using T = typename Native<scalar_t>::type;
           using A = acc_t<T>;
+          std::vector<BackwardParams<T>> params(s.D);  // value-initialised: keys compare bytes
           for (int64_t d = 0; d < s.D; ++d) {
             auto grad = [&](size_t k) -> A* {
               return k < grad_w[d].size() ? data<A>(grad_w[d][k]) : nullptr;
             };
-            BackwardParams<T> p;
+            BackwardParams<T>& p = params[d];
             fill_dims(p, s, input, d, inputs[d]);
             p.output = data<T>(out) + d * s.P;
             p.workspace = data<T>(workspace) + d * workspace.stride(0);
@@ -228,9 +245,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
             p.dgx = data<T>(dgx);
             p.dgh = data<T>(dgh);
             p.grad_h = data<T>(grad_h);
-            backward_direction<T>(s.cell, p, blas, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
+          // the directions share the scratch of a block, so they run one after the other
+          enqueue_replayable(call_key(1, s, input, params), s.D * s.T,
+                             [&](cudaStream_t stream, cublasHandle_t blas) {
+                               for (const auto& p : params)
+                                 backward_direction<T>(s.cell, p, blas, stream);
+                             });
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
 
