@@ -19,6 +19,12 @@ sides (cuDNN and rnnext's cuBLAS GEMMs) unless ``--tf32`` turns it on for both. 
 configuration that disagrees is recorded with ``"agree": false`` and is not timed, so no speed
 of a wrong result is ever reported; ``main()`` then exits with status 1.
 
+On CUDA every repeat reuses the same input and weights, and torch's caching allocator hands
+each call the same blocks, so from its second call on rnnext replays the call's time loops as
+a CUDA graph, as it does in a steady training loop; ``RNNEXT_CUDA_GRAPHS=0`` in the
+environment times eager launches instead. There the agreement check runs once more after the
+timed rounds, on replayed calls, and a disagreement then drops the configuration's times.
+
 Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
 around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine noise
 hits both alike, with Python's garbage collector paused (as ``timeit`` does), and the
@@ -459,6 +465,8 @@ class Trial:
     config: Config
     records: list[Record]
     steps: dict[str, list[Step]]
+    # the agreement check again (on CUDA after the timing, when rnnext replays graphs)
+    recheck: Callable[[], str | None] | None = None
 
 
 def prepare_config(
@@ -501,7 +509,25 @@ def prepare_config(
         pass_name: [_pass_step(module, x, hx, pass_name) for module in (reference, fused)]
         for pass_name in PASSES
     }
-    return Trial(config, records, steps)
+    return Trial(config, records, steps, lambda: check_agreement(reference, fused, x, hx))
+
+
+def recheck_after_timing(trial: Trial) -> None:
+    """Checks agreement once more after the timed rounds: on CUDA the timed rnnext calls
+    replayed CUDA graphs, which the first check (eager calls) did not cover. A disagreement
+    there marks the configuration MISMATCH and drops its times."""
+    if not trial.steps or trial.recheck is None:
+        return
+    mismatch = trial.recheck()
+    if mismatch is not None:
+        for record in trial.records:
+            record.update(
+                status="MISMATCH",
+                agree=False,
+                note=f"after timing: {mismatch}",
+                torch_ms=None,
+                rnnext_ms=None,
+            )
 
 
 def time_round(trial: Trial, policy: RepeatPolicy, sync: Callable[[], None]) -> None:
@@ -797,6 +823,9 @@ def run(argv: Sequence[str] | None = None) -> list[Record]:
             warmup = 0 if round_index == 0 else policy.warmup
             time_round(trial, dataclasses.replace(policy, warmup=warmup), sync)
             gemm.measure(trial.config)
+    if device.type == "cuda":
+        for trial in trials:
+            recheck_after_timing(trial)
     records = [record for trial in trials for record in finish_records(trial, gemm)]
     print(format_table(records))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -95,3 +95,24 @@ def test_timed_calls_run_with_the_garbage_collector_paused():
     bench.best_times([step], policy, lambda: None)
     assert seen == [False, False]
     assert gc.isenabled()
+
+
+def test_a_disagreement_after_timing_drops_the_times():
+    """The check that runs again after the timed rounds (on CUDA, on replayed graphs) turns a
+    disagreement into MISMATCH without times; agreement leaves the records as they were."""
+    config = bench.Config("gru", 4, 2, 8)
+    machine = bench.machine_info(torch.device("cpu"), "float32")
+    trial = bench.prepare_config(
+        config, dtype=torch.float32, device=torch.device("cpu"), seed=0, machine=machine
+    )
+    bench.time_round(
+        trial, bench.RepeatPolicy(warmup=0, min_repeats=1, max_repeats=1), lambda: None
+    )
+    bench.recheck_after_timing(trial)  # the real check: the modules agree
+    assert all(r["status"] == "ok" and r["rnnext_ms"] > 0 for r in trial.records)
+    trial.recheck = lambda: "fwd output: differs"
+    bench.recheck_after_timing(trial)
+    for record in trial.records:
+        assert record["status"] == "MISMATCH" and record["agree"] is False
+        assert record["note"] == "after timing: fwd output: differs"
+        assert record["torch_ms"] is None and record["rnnext_ms"] is None
