@@ -39,4 +39,8 @@ TORCH_LIBRARY(rnnext, m) {
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor[] grad_weights)",
       {at::Tag::pt2_compliant_tag});
+  // Counters of the CUDA graph replay of repeated calls (csrc/cuda/graph_replay.h), process
+  // wide: [first sightings run eagerly, captures, failed captures, graph launches]. `on_cuda`
+  // (any CUDA tensor) selects the CUDA backend; a diagnostic, not for compiled graphs.
+  m.def("_cuda_graph_stats(Tensor on_cuda) -> int[]");
 }

@@ -156,3 +156,20 @@ def _check_device(input: Tensor) -> None:
             f"rnnext: this build has no kernels for device {input.device.type!r} (input is on "
             f"{input.device}); it runs on: {', '.join(sorted(DEVICES_WITH_KERNELS))}"
         )
+
+
+def cuda_graph_stats(device: torch.device | str = "cuda") -> dict[str, int]:
+    """Process-wide counters of the CUDA graph replay of repeated layer calls.
+
+    A CUDA layer call that repeats an earlier one (same buffers, sizes and lengths, as the
+    iterations of a training loop do) replays its time loops as a CUDA graph: the first call
+    with a key runs eagerly, the second captures the graph, later ones replay it. Returns
+    ``first_sightings`` (calls run eagerly as the first with their key), ``captures``,
+    ``failed_captures`` (their keys stay eager) and ``graph_launches``. Needs rnnext built with
+    its CUDA part; ``RNNEXT_CUDA_GRAPHS=0`` in the environment turns the replay off.
+    """
+    if "cuda" not in DEVICES_WITH_KERNELS:
+        raise RuntimeError("rnnext: cuda_graph_stats needs rnnext built with its CUDA part")
+    counts = torch.ops.rnnext._cuda_graph_stats(torch.empty(0, device=device))
+    names = ("first_sightings", "captures", "failed_captures", "graph_launches")
+    return dict(zip(names, counts))

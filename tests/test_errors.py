@@ -278,3 +278,9 @@ def test_no_time_steps():
     x, w = args()
     with raises(ValueError, "input must have at least one time step", "[0, 2, 3]"):
         op("GRU", x[:0], w, None, None, True, False, None, False)
+
+
+@pytest.mark.skipif("cuda" in functional.DEVICES_WITH_KERNELS, reason="rnnext built with CUDA")
+def test_cuda_graph_stats_without_cuda_kernels_says_so():
+    with pytest.raises(RuntimeError, match="needs rnnext built with its CUDA part"):
+        functional.cuda_graph_stats()

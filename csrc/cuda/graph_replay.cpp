@@ -1,11 +1,16 @@
 #include "graph_replay.h"
 
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
+#include <exception>
 #include <list>
 #include <map>
 #include <mutex>
@@ -21,6 +26,9 @@ namespace {
 constexpr int64_t kMaxGraphSteps = 4096;
 // Keys remembered (most recent first); a key's graph is freed when it drops out.
 constexpr size_t kMaxEntries = 64;
+// Launch streams per device whose calls are replayed: each holds a cuBLAS workspace (32 MiB on
+// sm90) for as long as the process runs; calls on further streams run eagerly.
+constexpr size_t kMaxStreamsPerDevice = 4;
 
 struct Entry {
   std::vector<int64_t> key;
@@ -36,14 +44,19 @@ struct CaptureTarget {
   cudaStream_t stream = nullptr;
   size_t workspace_size = 0;
   c10::DataPtr workspace;
-  std::vector<c10::DataPtr> retired;  // smaller workspaces that older graphs still use
+  std::vector<c10::DataPtr> retired;  // workspaces of an earlier size that older graphs use
 };
+
+// Process-wide counters, for tests and diagnosis (rnnext.functional.cuda_graph_stats).
+enum Counter { kFirstSightings, kCaptures, kFailedCaptures, kGraphLaunches, kCounters };
 
 struct Cache {
   std::mutex mutex;
   std::list<Entry> entries;
   std::map<std::pair<int, cudaStream_t>, CaptureTarget> targets;  // by (device, launch stream)
-  std::map<int, cublasHandle_t> handles;                          // by device, for captures
+  std::map<int, size_t> streams_per_device;
+  std::map<int, cublasHandle_t> handles;  // by device, for captures only
+  std::array<std::atomic<int64_t>, kCounters> counters{};
 };
 
 // Never destroyed: freeing graphs during exit could run after the CUDA context is gone.
@@ -67,9 +80,42 @@ void check(cublasStatus_t status, const char* what) {
               " failed: ", cublasGetStatusString(status));
 }
 
+// The target for a launch stream, set up on first use: its stream, a workspace of torch's
+// size, and the device's capture handle bound to both after one small GEMM outside any
+// capture (so that nothing cuBLAS sets up lazily happens during one). Null past the limit.
+CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandle_t& blas) {
+  blas = c.handles[device];
+  if (blas == nullptr) check(cublasCreate(&c.handles[device]), "cublasCreate");
+  blas = c.handles[device];
+  auto found = c.targets.find({device, launch});
+  if (found == c.targets.end()) {
+    if (c.streams_per_device[device] >= kMaxStreamsPerDevice) return nullptr;
+    ++c.streams_per_device[device];
+    found = c.targets.emplace(std::make_pair(device, launch), CaptureTarget{}).first;
+    check(cudaStreamCreateWithFlags(&found->second.stream, cudaStreamNonBlocking),
+          "stream creation");
+  }
+  CaptureTarget& target = found->second;
+  const size_t size = at::cuda::getChosenWorkspaceSize();
+  if (target.workspace_size != size || !target.workspace) {
+    if (target.workspace) target.retired.push_back(std::move(target.workspace));
+    // room for the warm-up GEMM's operands past the workspace
+    target.workspace = c10::cuda::CUDACachingAllocator::get()->allocate(size + 64);
+    target.workspace_size = size;
+    float* scratch = reinterpret_cast<float*>(static_cast<char*>(target.workspace.get()) + size);
+    const float one = 1, zero = 0;
+    check(cublasSetStream(blas, target.stream), "cublasSetStream");
+    check(cublasSetWorkspace(blas, target.workspace.get(), size), "cublasSetWorkspace");
+    check(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
+                      &zero, scratch + 2, 1),
+          "cublasSgemm");
+  }
+  return &target;
+}
+
 // The graph of enqueue's work, captured on `target` with `blas` set up like the caller's
 // handle (its math mode, and a workspace of torch's size, so that cuBLAS picks the kernels an
-// eager call gets), or null, with the error cleared, where the capture failed.
+// eager call gets); null, after a warning, where the capture fails or throws.
 cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublasMath_t math,
                         const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
   check(cublasSetStream(blas, target.stream), "cublasSetStream");
@@ -78,60 +124,49 @@ cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublas
         "cublasSetWorkspace");
   check(cudaStreamBeginCapture(target.stream, cudaStreamCaptureModeThreadLocal), "graph capture");
   cudaGraph_t graph = nullptr;
+  std::string failure;
   try {
     enqueue(target.stream, blas);
-  } catch (...) {
-    cudaStreamEndCapture(target.stream, &graph);
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    cudaGetLastError();
-    throw;
+  } catch (const std::exception& e) {
+    failure = e.what();
   }
   cudaError_t status = cudaStreamEndCapture(target.stream, &graph);
   cudaGraphExec_t exec = nullptr;
-  if (status == cudaSuccess && graph != nullptr) {
+  if (failure.empty() && status == cudaSuccess && graph != nullptr) {
     status = cudaGraphInstantiateWithFlags(&exec, graph, 0);
   }
   if (graph != nullptr) cudaGraphDestroy(graph);
-  if (status != cudaSuccess || exec == nullptr) {
+  if (failure.empty() && (status != cudaSuccess || exec == nullptr)) {
+    failure = cudaGetErrorString(status);
+  }
+  if (!failure.empty()) {
+    // the errors here are the capture's own: none was pending before it began
     cudaGetLastError();
-    TORCH_WARN_ONCE("rnnext: capturing a layer call as a CUDA graph failed (",
-                    cudaGetErrorString(status), "); such calls run without graphs");
+    TORCH_WARN_ONCE("rnnext: capturing a layer call as a CUDA graph failed (", failure,
+                    "); such calls run without graphs");
     return nullptr;
   }
   return exec;
 }
 
-cudaGraphExec_t capture_for(Cache& c, int device, cudaStream_t launch, cublasMath_t math,
-                            const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
-  cublasHandle_t& blas = c.handles[device];
-  if (blas == nullptr) check(cublasCreate(&blas), "cublasCreate");
-  CaptureTarget& target = c.targets[{device, launch}];
-  if (target.stream == nullptr) {
-    check(cudaStreamCreateWithFlags(&target.stream, cudaStreamNonBlocking), "stream creation");
-  }
-  const size_t size = at::cuda::getChosenWorkspaceSize();
-  if (target.workspace_size != size) {
-    if (target.workspace) target.retired.push_back(std::move(target.workspace));
-    target.workspace = c10::cuda::CUDACachingAllocator::get()->allocate(size);
-    target.workspace_size = size;
-  }
-  return capture(target, blas, math, enqueue);
+std::vector<int64_t> graph_stats(const at::Tensor& /*on_cuda*/) {
+  const auto& counters = cache().counters;
+  return {counters[kFirstSightings].load(), counters[kCaptures].load(),
+          counters[kFailedCaptures].load(), counters[kGraphLaunches].load()};
 }
 
 }  // namespace
 
-void enqueue_replayable(std::vector<int64_t> key, int64_t steps,
+void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, int64_t steps,
                         const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
-  // inside the caller's own capture (or where the query fails), its graph takes the launches
+  // Eager: when disabled, for long calls, inside the caller's own capture (its graph takes
+  // the launches), and while an earlier error is pending (left for the caller's check).
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  bool eager = !graphs_enabled() || steps > kMaxGraphSteps;
-  if (!eager && cudaStreamIsCapturing(stream, &capturing) != cudaSuccess) {
-    cudaGetLastError();
-    eager = true;
-  }
-  if (eager || capturing != cudaStreamCaptureStatusNone) {
+  if (!graphs_enabled() || steps > kMaxGraphSteps || cudaPeekAtLastError() != cudaSuccess ||
+      cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone) {
     enqueue(stream, blas);
     return;
   }
@@ -139,8 +174,8 @@ void enqueue_replayable(std::vector<int64_t> key, int64_t steps,
   // the cuBLAS math mode (TF32, reduced-precision reductions) and workspace size decide the
   // kernels cuBLAS picks
   cublasMath_t math = CUBLAS_DEFAULT_MATH;
-  TORCH_CHECK(cublasGetMathMode(blas, &math) == CUBLAS_STATUS_SUCCESS,
-              "rnnext (CUDA): cublasGetMathMode failed");
+  check(cublasGetMathMode(blas, &math), "cublasGetMathMode");
+  std::vector<int64_t> key = make_key();
   key.insert(key.end(), {device, reinterpret_cast<int64_t>(stream), static_cast<int64_t>(math),
                          static_cast<int64_t>(at::cuda::getChosenWorkspaceSize())});
 
@@ -155,21 +190,31 @@ void enqueue_replayable(std::vector<int64_t> key, int64_t steps,
       if (c.entries.back().graph != nullptr) cudaGraphExecDestroy(c.entries.back().graph);
       c.entries.pop_back();
     }
+    ++c.counters[kFirstSightings];
     lock.unlock();
     enqueue(stream, blas);
     return;
   }
   c.entries.splice(c.entries.begin(), c.entries, entry);
   if (entry->graph == nullptr && !entry->capture_failed) {
-    entry->graph = capture_for(c, device, stream, math, enqueue);
+    cublasHandle_t capture_blas = nullptr;
+    const CaptureTarget* target = target_for(c, device, stream, capture_blas);
+    entry->graph = target != nullptr ? capture(*target, capture_blas, math, enqueue) : nullptr;
     entry->capture_failed = entry->graph == nullptr;
+    ++c.counters[entry->capture_failed ? kFailedCaptures : kCaptures];
   }
   if (entry->graph == nullptr) {
     lock.unlock();
     enqueue(stream, blas);
     return;
   }
+  // launched under the lock: no other thread can free this graph meanwhile
   check(cudaGraphLaunch(entry->graph, stream), "graph launch");
+  ++c.counters[kGraphLaunches];
+}
+
+TORCH_LIBRARY_IMPL(rnnext, CUDA, m) {
+  m.impl("_cuda_graph_stats", &graph_stats);
 }
 
 }  // namespace cuda

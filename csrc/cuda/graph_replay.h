@@ -22,12 +22,13 @@ namespace rnnext {
 namespace cuda {
 
 // Queues enqueue(stream, blas) for the current stream and cuBLAS handle, or replays it as a
-// CUDA graph. `key` must hold everything enqueue reads on the host, so that equal keys queue
-// equal work on the same memory: the second call with a key captures the graph, later ones
-// replay it. `steps` (the time steps queued, all directions) bounds the graph's size: longer
-// calls, calls inside the caller's own stream capture, and any call with RNNEXT_CUDA_GRAPHS=0
-// in the environment run eagerly.
-void enqueue_replayable(std::vector<int64_t> key, int64_t steps,
+// CUDA graph. make_key() must return everything enqueue reads on the host, so that equal keys
+// queue equal work on the same memory: the second call with a key captures the graph, later
+// ones replay it. `steps` (the time steps queued, all directions) bounds the graph's size:
+// longer calls, calls inside the caller's own stream capture, and any call with
+// RNNEXT_CUDA_GRAPHS=0 in the environment run eagerly (without building a key). A capture
+// that fails warns once and leaves its key eager.
+void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, int64_t steps,
                         const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue);
 
 // Appends a params struct (LayerSizes and raw pointers and sizes, value-initialised) to a

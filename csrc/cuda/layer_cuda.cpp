@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
           if (has_state) c_state[d].copy_(inputs[d].c0);
         }
         // the directions share xg and hg, so they run one after the other
-        enqueue_replayable(call_key(0, s, input, params), s.D * s.T,
+        enqueue_replayable([&] { return call_key(0, s, input, params); }, s.D * s.T,
                            [&](cudaStream_t stream, cublasHandle_t blas) {
                              for (const auto& p : params)
                                forward_direction<T>(s.cell, p, blas, stream);
@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
             p.grad_h = data<T>(grad_h);
           }
           // the directions share the scratch of a block, so they run one after the other
-          enqueue_replayable(call_key(1, s, input, params), s.D * s.T,
+          enqueue_replayable([&] { return call_key(1, s, input, params); }, s.D * s.T,
                              [&](cudaStream_t stream, cublasHandle_t blas) {
                                for (const auto& p : params)
                                  backward_direction<T>(s.cell, p, blas, stream);
