@@ -197,11 +197,20 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
   }
   c.entries.splice(c.entries.begin(), c.entries, entry);
   if (entry->graph == nullptr && !entry->capture_failed) {
+    // whatever goes wrong here leaves the key eager: the call itself still runs below
+    bool too_many_streams = false;
     cublasHandle_t capture_blas = nullptr;
-    const CaptureTarget* target = target_for(c, device, stream, capture_blas);
-    entry->graph = target != nullptr ? capture(*target, capture_blas, math, enqueue) : nullptr;
+    try {
+      const CaptureTarget* target = target_for(c, device, stream, capture_blas);
+      too_many_streams = target == nullptr;
+      if (target != nullptr) entry->graph = capture(*target, capture_blas, math, enqueue);
+    } catch (const std::exception& e) {
+      cudaGetLastError();
+      TORCH_WARN_ONCE("rnnext: setting up a CUDA graph capture failed (", e.what(),
+                      "); such calls run without graphs");
+    }
     entry->capture_failed = entry->graph == nullptr;
-    ++c.counters[entry->capture_failed ? kFailedCaptures : kCaptures];
+    if (!too_many_streams) ++c.counters[entry->capture_failed ? kFailedCaptures : kCaptures];
   }
   if (entry->graph == nullptr) {
     lock.unlock();
