@@ -81,35 +81,42 @@ void check(cublasStatus_t status, const char* what) {
 }
 
 // The target for a launch stream, set up on first use: its stream, a workspace of torch's
-// size, and the device's capture handle bound to both after one small GEMM outside any
-// capture (so that nothing cuBLAS sets up lazily happens during one). Null past the limit.
+// size, and the device's capture handle, which runs one small GEMM there outside any capture
+// (so that nothing cuBLAS sets up lazily happens during one). The GEMM runs on the launch
+// stream: the workspace comes from the caching allocator on that stream, so only work
+// ordered after the stream's earlier work may touch it. Null past the limit of streams. A
+// failure leaves no half-built target behind.
 CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandle_t& blas) {
-  blas = c.handles[device];
-  if (blas == nullptr) check(cublasCreate(&c.handles[device]), "cublasCreate");
+  if (c.handles[device] == nullptr) check(cublasCreate(&c.handles[device]), "cublasCreate");
   blas = c.handles[device];
   auto found = c.targets.find({device, launch});
+  if (found == c.targets.end() && c.streams_per_device[device] >= kMaxStreamsPerDevice) {
+    return nullptr;
+  }
+  const size_t size = at::cuda::getChosenWorkspaceSize();
+  if (found != c.targets.end() && found->second.workspace_size == size) return &found->second;
+
+  // the warm-up GEMM's operands past the workspace, aligned whatever the workspace's size
+  const size_t scratch_offset = (size + 255) / 256 * 256;
+  c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(scratch_offset + 64);
+  float* scratch = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + scratch_offset);
+  const float one = 1, zero = 0;
+  check(cublasSetStream(blas, launch), "cublasSetStream");
+  check(cublasSetWorkspace(blas, workspace.get(), size), "cublasSetWorkspace");
+  check(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
+                    &zero, scratch + 2, 1),
+        "cublasSgemm");
   if (found == c.targets.end()) {
-    if (c.streams_per_device[device] >= kMaxStreamsPerDevice) return nullptr;
-    ++c.streams_per_device[device];
+    cudaStream_t stream = nullptr;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
     found = c.targets.emplace(std::make_pair(device, launch), CaptureTarget{}).first;
-    check(cudaStreamCreateWithFlags(&found->second.stream, cudaStreamNonBlocking),
-          "stream creation");
+    found->second.stream = stream;
+    ++c.streams_per_device[device];
   }
   CaptureTarget& target = found->second;
-  const size_t size = at::cuda::getChosenWorkspaceSize();
-  if (target.workspace_size != size || !target.workspace) {
-    if (target.workspace) target.retired.push_back(std::move(target.workspace));
-    // room for the warm-up GEMM's operands past the workspace
-    target.workspace = c10::cuda::CUDACachingAllocator::get()->allocate(size + 64);
-    target.workspace_size = size;
-    float* scratch = reinterpret_cast<float*>(static_cast<char*>(target.workspace.get()) + size);
-    const float one = 1, zero = 0;
-    check(cublasSetStream(blas, target.stream), "cublasSetStream");
-    check(cublasSetWorkspace(blas, target.workspace.get(), size), "cublasSetWorkspace");
-    check(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
-                      &zero, scratch + 2, 1),
-          "cublasSgemm");
-  }
+  if (target.workspace) target.retired.push_back(std::move(target.workspace));
+  target.workspace = std::move(workspace);
+  target.workspace_size = size;
   return &target;
 }
 
@@ -124,22 +131,25 @@ cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublas
         "cublasSetWorkspace");
   check(cudaStreamBeginCapture(target.stream, cudaStreamCaptureModeThreadLocal), "graph capture");
   cudaGraph_t graph = nullptr;
+  bool failed = false;
   std::string failure;
   try {
     enqueue(target.stream, blas);
   } catch (const std::exception& e) {
+    failed = true;
     failure = e.what();
   }
   cudaError_t status = cudaStreamEndCapture(target.stream, &graph);
   cudaGraphExec_t exec = nullptr;
-  if (failure.empty() && status == cudaSuccess && graph != nullptr) {
+  if (!failed && status == cudaSuccess && graph != nullptr) {
     status = cudaGraphInstantiateWithFlags(&exec, graph, 0);
   }
   if (graph != nullptr) cudaGraphDestroy(graph);
-  if (failure.empty() && (status != cudaSuccess || exec == nullptr)) {
+  if (!failed && (status != cudaSuccess || exec == nullptr)) {
+    failed = true;
     failure = cudaGetErrorString(status);
   }
-  if (!failure.empty()) {
+  if (failed) {
     // the errors here are the capture's own: none was pending before it began
     cudaGetLastError();
     TORCH_WARN_ONCE("rnnext: capturing a layer call as a CUDA graph failed (", failure,
