@@ -2,12 +2,15 @@
 
 For LSTM and GRU at (T=100, B=64, I=H=512) in float32 and bfloat16: wall time per call, the
 summed time of the GPU kernels it ran and their count (wall time well above kernel time means
-the GPU waits on the host between launches), and the kernels that took most time. Run by
-gpu_check.sh; prints a plain-text report. float32 runs without TF32 on both sides.
+the GPU waits on the host between launches), and the kernels that took most time. rnnext is
+shown twice: its repeated calls replayed as a CUDA graph (the default), and launched eagerly
+(``RNNEXT_CUDA_GRAPHS=0``). Run by gpu_check.sh; prints a plain-text report. float32 runs
+without TF32 on both sides.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -40,7 +43,7 @@ def report(name, module, x, hx):
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     busy_us = sum(e.self_device_time_total for e in kernels)
     launches = sum(e.count for e in kernels)
-    print(f"  {name:9s} wall {wall_us:8.0f} us   kernels {busy_us:8.0f} us in {launches} launches")
+    print(f"  {name:14s} wall {wall_us:8.0f} us   kernels {busy_us:8.0f} us in {launches} launches")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:4]:
         share = e.self_device_time_total / max(busy_us, 1e-9)
         print(f"      {share:5.1%} {e.count:5d}x  {e.key[:90]}")
@@ -61,7 +64,16 @@ def main() -> None:
             hx = (h0, h0) if cell == "LSTM" else h0
             print(f"{cell} {T}x{B}x{H} {dtype} forward+backward")
             report("torch.nn", theirs, x, hx)
-            report("rnnext", ours, x, hx)
+            report("rnnext", ours, x, hx)  # repeated calls: replayed as a CUDA graph
+            saved = os.environ.get("RNNEXT_CUDA_GRAPHS")
+            os.environ["RNNEXT_CUDA_GRAPHS"] = "0"
+            try:
+                report("rnnext, eager", ours, x, hx)
+            finally:
+                if saved is None:
+                    del os.environ["RNNEXT_CUDA_GRAPHS"]
+                else:
+                    os.environ["RNNEXT_CUDA_GRAPHS"] = saved
 
 
 if __name__ == "__main__":
