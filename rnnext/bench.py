@@ -26,20 +26,20 @@ environment times eager launches instead. There the agreement check runs once mo
 timed rounds, on replayed calls, and a disagreement then drops the configuration's times.
 
 Repeat policy: timings are taken with ``time.perf_counter`` (with ``torch.cuda.synchronize()``
-around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine noise
-hits both alike, with Python's garbage collector paused (as ``timeit`` does), and the
-minimum is reported. The configurations are timed in ``ROUNDS`` (3)
-rounds, one pass through all of them after the other, and each side's minimum is taken over all
-rounds: on a shared machine a slow spell (other work on the host) lasts seconds to minutes, and
-rounds tens of seconds apart give every configuration several chances to be timed outside one,
-on both sides alike. Each round starts a configuration with one untimed call of each pass per
-side (in the first round the agreement check is that call), and ``torch.mm`` with one untimed
-call per shape; then repeats continue until one side has spent ``BUDGET_S`` (0.4 s) of timed
-work, with at least ``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N``
-fixes the count per round to N instead, ``--rounds R`` the number of rounds, and ``--quick``
-uses tiny sizes, one round and ``QUICK_REPEATS``. A record's ``repeats`` counts the timed
-repeats of all its ``rounds``. The default run takes about 90 s on a 2-core machine (the budget is
-3 minutes); busy cores slow it down.
+around each one on CUDA), alternating torch.nn and rnnext repeat by repeat so that machine
+noise hits both alike, with Python's garbage collector paused (as ``timeit`` does), and the
+minimum is reported. The configurations are timed in ``ROUNDS`` (3) rounds, one pass through
+all of them after the other, and each side's minimum is taken over all rounds: on a shared
+machine a slow spell (other work on the host) lasts seconds to minutes, and rounds tens of
+seconds apart give every configuration several chances to be timed outside one, on both sides
+alike. Each round starts a configuration with one untimed call of each pass per side (in the
+first round the agreement check is that call), and ``torch.mm`` with one untimed call per
+shape; then repeats continue until one side has spent ``BUDGET_S`` (0.4 s) of timed work, with
+at least ``MIN_REPEATS`` (2) and at most ``MAX_REPEATS`` (8) repeats; ``--repeats N`` fixes the
+count per round to N instead, ``--rounds R`` the number of rounds, and ``--quick`` uses tiny
+sizes, one round and ``QUICK_REPEATS``. A record's ``repeats`` counts the timed repeats of all
+its ``rounds``. The default run takes 90-100 s on a 2-core machine (the budget is 3 minutes);
+busy cores slow it down.
 
 GEMM efficiency: one layer direction's forward does the FLOPs of a single
 ``[T*B, I+H] x [I+H, G*H]`` product (G = 1 for RNN, 3 for GRU, 4 for LSTM), i.e.

@@ -17,6 +17,8 @@
 #include <string>
 #include <utility>
 
+#include "status.h"
+
 namespace rnnext {
 namespace cuda {
 namespace {
@@ -70,16 +72,6 @@ bool graphs_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
-void check(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, "rnnext (CUDA): ", what,
-              " failed: ", cudaGetErrorString(status));
-}
-
-void check(cublasStatus_t status, const char* what) {
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "rnnext (CUDA): ", what,
-              " failed: ", cublasGetStatusString(status));
-}
-
 // The target for a launch stream, set up on first use: its stream, a workspace of torch's
 // size, and the device's capture handle, which runs one small GEMM there outside any capture
 // (so that nothing cuBLAS sets up lazily happens during one). The GEMM runs on the launch
@@ -87,7 +79,7 @@ void check(cublasStatus_t status, const char* what) {
 // ordered after the stream's earlier work may touch it. Null past the limit of streams. A
 // failure leaves no half-built target behind.
 CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandle_t& blas) {
-  if (c.handles[device] == nullptr) check(cublasCreate(&c.handles[device]), "cublasCreate");
+  if (c.handles[device] == nullptr) check_blas(cublasCreate(&c.handles[device]), "handle creation");
   blas = c.handles[device];
   auto found = c.targets.find({device, launch});
   if (found == c.targets.end() && c.streams_per_device[device] >= kMaxStreamsPerDevice) {
@@ -101,14 +93,14 @@ CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandl
   c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(scratch_offset + 64);
   float* scratch = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + scratch_offset);
   const float one = 1, zero = 0;
-  check(cublasSetStream(blas, launch), "cublasSetStream");
-  check(cublasSetWorkspace(blas, workspace.get(), size), "cublasSetWorkspace");
-  check(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
-                    &zero, scratch + 2, 1),
-        "cublasSgemm");
+  check_blas(cublasSetStream(blas, launch), "set stream");
+  check_blas(cublasSetWorkspace(blas, workspace.get(), size), "set workspace");
+  check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
+                         &zero, scratch + 2, 1),
+             "warm-up gemm");
   if (found == c.targets.end()) {
     cudaStream_t stream = nullptr;
-    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
+    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
     found = c.targets.emplace(std::make_pair(device, launch), CaptureTarget{}).first;
     found->second.stream = stream;
     ++c.streams_per_device[device];
@@ -125,11 +117,12 @@ CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandl
 // eager call gets); null, after a warning, where the capture fails or throws.
 cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublasMath_t math,
                         const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
-  check(cublasSetStream(blas, target.stream), "cublasSetStream");
-  check(cublasSetMathMode(blas, math), "cublasSetMathMode");
-  check(cublasSetWorkspace(blas, target.workspace.get(), target.workspace_size),
-        "cublasSetWorkspace");
-  check(cudaStreamBeginCapture(target.stream, cudaStreamCaptureModeThreadLocal), "graph capture");
+  check_blas(cublasSetStream(blas, target.stream), "set stream");
+  check_blas(cublasSetMathMode(blas, math), "set math mode");
+  check_blas(cublasSetWorkspace(blas, target.workspace.get(), target.workspace_size),
+             "set workspace");
+  check_cuda(cudaStreamBeginCapture(target.stream, cudaStreamCaptureModeThreadLocal),
+             "graph capture");
   cudaGraph_t graph = nullptr;
   bool failed = false;
   std::string failure;
@@ -184,7 +177,7 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
   // the cuBLAS math mode (TF32, reduced-precision reductions) and workspace size decide the
   // kernels cuBLAS picks
   cublasMath_t math = CUBLAS_DEFAULT_MATH;
-  check(cublasGetMathMode(blas, &math), "cublasGetMathMode");
+  check_blas(cublasGetMathMode(blas, &math), "get math mode");
   std::vector<int64_t> key = make_key();
   key.insert(key.end(), {device, reinterpret_cast<int64_t>(stream), static_cast<int64_t>(math),
                          static_cast<int64_t>(at::cuda::getChosenWorkspaceSize())});
@@ -228,7 +221,7 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
     return;
   }
   // launched under the lock: no other thread can free this graph meanwhile
-  check(cudaGraphLaunch(entry->graph, stream), "graph launch");
+  check_cuda(cudaGraphLaunch(entry->graph, stream), "graph launch");
   ++c.counters[kGraphLaunches];
 }
 

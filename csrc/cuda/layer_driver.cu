@@ -14,6 +14,7 @@
 #include <string>
 
 #include "layer_driver.h"
+#include "status.h"
 
 namespace rnnext {
 namespace cuda {
@@ -55,20 +56,6 @@ constexpr cudaDataType_t blas_type() {
   if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
   if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
   return CUDA_R_32F;
-}
-
-void check_blas(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    throw std::runtime_error(std::string("rnnext (CUDA): cuBLAS ") + what +
-                             " failed: " + cublasGetStatusString(status));
-  }
-}
-
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("rnnext (CUDA): ") + what +
-                             " failed: " + cudaGetErrorString(status));
-  }
 }
 
 // Row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C, with A stored [M, K] (or [K, M] when
