@@ -6,7 +6,8 @@ an earlier one's buffers only when the caching allocator hands out the same bloc
 times whole iterations (input copied from the host, forward, backward, Adam step) of a
 2-layer bidirectional layer for torch.nn (cuDNN) and rnnext with and without replay
 (RNNEXT_CUDA_GRAPHS, read at every call), in the same process, and prints rnnext's replay
-counters for its replayed runs. TF32 is off on both sides, as in the main benchmark.
+counters summed over its replayed runs (warm-up iterations included). TF32 is off on both
+sides, as in the main benchmark.
 
     python benchmarks/cuda_train_loop.py [--iters 20]
 """
@@ -59,6 +60,7 @@ def main() -> None:
             # (label, module, RNNEXT_CUDA_GRAPHS): runs alternate, best of two each
             runs = [("torch.nn", reference, "1"), ("replay", ours, "1"), ("eager", ours, "0")]
             best = {label: float("inf") for label, _, _ in runs}
+            counts = dict.fromkeys(rnnext.functional.cuda_graph_stats(), 0)
             for _ in range(2):
                 for label, module, flag in runs:
                     os.environ["RNNEXT_CUDA_GRAPHS"] = flag
@@ -67,7 +69,7 @@ def main() -> None:
                     best[label] = min(best[label], ms)
                     after = rnnext.functional.cuda_graph_stats()
                     if label == "replay":
-                        counts = {k: after[k] - before[k] for k in after}
+                        counts = {k: counts[k] + after[k] - before[k] for k in after}
             os.environ.pop("RNNEXT_CUDA_GRAPHS")
             print(
                 f"  {name:4s} {str(dtype)[6:]:8s} torch.nn {best['torch.nn']:6.2f}"
