@@ -86,6 +86,14 @@ def recurrent_layer(
         input, hx, cx = select_batch([input, hx, cx], order.to(input.device))
     tensors = (input, hx, cx, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if torch.jit.is_tracing():
+            # the traced graph would hold a Python autograd call that cannot be saved, and
+            # the tracer's own check reruns the layer without gradients, down the op path
+            raise RuntimeError(
+                "rnnext: torch.jit.trace records rnnext layers for inference only: trace under "
+                "torch.no_grad() (the graph then calls torch.ops.rnnext.layer_forward), or use "
+                "torch.export or torch.compile, which keep gradients"
+            )
         if checkpoint_every is not None:
             output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
                 mode, has_biases, lengths, checkpoint_every, input, hx, cx, *weights

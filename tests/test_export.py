@@ -83,3 +83,11 @@ def test_trace_for_inference_saves_and_loads(mode, device):
     with torch.no_grad():
         expected = module(x)
         assert_same_outputs(loaded(x), expected)
+
+
+def test_trace_with_gradients_says_how_to_trace():
+    """Traced while gradients are on, the graph would hold a Python autograd call that cannot
+    be saved; the error says what works instead."""
+    module = make_module("GRU", 3, 4, nn=False)
+    with pytest.raises(RuntimeError, match=r"trace under torch.no_grad\(\)"):
+        torch.jit.trace(module, (torch.randn(2, 5, 3),))
