@@ -72,22 +72,60 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
   }
 }
 
+// One tile of pack_right_operand: R's columns [n0, n0 + 32) as [K, 32] (zeros past N).
+RNNEXT_CPU_CLONES
+void pack_tile(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld, int64_t n0,
+               float* tile) {
+  const int64_t width = std::min(kPackedTile, N - n0);
+  if (!transposed) {  // R's rows are src's: a copy of each row's slice
+    for (int64_t k = 0; k < K; ++k) {
+      float* row = tile + k * kPackedTile;
+      if (width == kPackedTile) {
+        std::memcpy(row, src + k * ld + n0, sizeof(float) * kPackedTile);  // inlined, fixed size
+      } else {
+        std::copy_n(src + k * ld + n0, width, row);
+        std::fill(row + width, row + kPackedTile, 0.f);
+      }
+    }
+    return;
+  }
+  // R = src^T: a block of kBlock steps of k at a time. Each of the tile's source rows is read
+  // a whole cache line at once: read element by element, rows `ld` apart (4 KB for 1024
+  // floats) fall into the same few sets of the L1 cache and evict each other.
+  constexpr int64_t kBlock = 16;
+  float block[kPackedTile][kBlock];
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t depth = std::min(kBlock, K - k0);
+    for (int64_t n = 0; n < kPackedTile; ++n) {
+      if (n < width && depth == kBlock) {
+        // a fixed-size copy the compiler inlines (with a variable size, a call to memmove)
+        std::memcpy(block[n], src + (n0 + n) * ld + k0, sizeof block[n]);
+      } else if (n < width) {
+        std::copy_n(src + (n0 + n) * ld + k0, depth, block[n]);
+      } else {
+        std::fill_n(block[n], depth, 0.f);
+      }
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      float* row = tile + (k0 + k) * kPackedTile;
+      for (int64_t n = 0; n < kPackedTile; ++n) row[n] = block[n][k];
+    }
+  }
+}
+
 }  // namespace
 
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                         float* dst) {
-  // tile by tile: [K, 32] each, contiguous, so that a tile streams through the cache in order
-  for (int64_t n0 = 0; n0 < N; n0 += kPackedTile) {
-    const int64_t n1 = std::min(N, n0 + kPackedTile);
-    float* tile_dst = dst + n0 * K;
-    for (int64_t k = 0; k < K; ++k) {
-      float* row = tile_dst + k * kPackedTile;
-      for (int64_t n = n0; n < n1; ++n) {
-        row[n - n0] = transposed ? src[n * ld + k] : src[k * ld + n];
-      }
-      std::fill(row + (n1 - n0), row + kPackedTile, 0.f);
+  // tile by tile: [K, 32] each, contiguous, so that a tile streams through the cache in order;
+  // tiles of about 64K values or more per thread (inside a parallel region, this one thread)
+  const int64_t tiles = (N + kPackedTile - 1) / kPackedTile;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kPackedTile));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      pack_tile(src, K, N, transposed, ld, t * kPackedTile, dst + t * kPackedTile * K);
     }
-  }
+  });
 }
 
 namespace {
