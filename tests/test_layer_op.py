@@ -228,12 +228,15 @@ def test_float32_matches_reference(mode, device):
 @pytest.mark.parametrize("batch", [1, 7, 13, 16, 17, 64, 65, 1100], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("H", [37, 64], ids=lambda h: f"H{h}")
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_float32_packed_kernel(mode, proj, batch, H, bidirectional, device):
+@pytest.mark.parametrize("split", ["units", "rows"])
+def test_float32_packed_kernel(mode, proj, batch, H, bidirectional, split, device, monkeypatch):
     """float32 GEMMs with a weight operand run on the packed kernel (tiles of 32 columns,
     blocks of 8 rows, chunks of at most 1024 rows): odd sizes with partial tiles and blocks,
-    more rows than a chunk, both directions, lengths. With H a multiple of 32 a forward step
-    is split among the threads by chunks of 32 hidden units (GEMM columns and pointwise pass
-    together); a bidirectional layer runs each direction on one thread."""
+    more rows than a chunk, both directions, lengths. A unidirectional layer's steps are
+    shared among the threads either by chunks of 32 hidden units (GEMM columns and pointwise
+    pass together, H a multiple of 32) or by batch rows (every other row, each thread through
+    all steps of its rows); a bidirectional layer runs each direction on one thread."""
+    monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
     torch.manual_seed(6)
     T, I = 6, 20
     x = torch.randn(T, batch, I, device=device, requires_grad=True)
