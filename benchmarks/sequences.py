@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnext
-from rnnext.bench import paused_gc
+from rnnext.bench import paused_gc, result_difference, weighted_loss
 
 
 def _sync(device: str) -> None:
@@ -55,6 +55,32 @@ def best_of(fns: dict, repeats: int, device: str = "cpu") -> dict:
     return {name: t * 1e3 for name, t in times.items()}
 
 
+def check_agreement(theirs, ours, x, lengths) -> None:
+    """Raises unless rnnext, with ``lengths=`` and with a PackedSequence, gives torch.nn's
+    PackedSequence results: the padded output, the final states, and the gradients of x and of
+    every weight for a position-weighted loss. No time of a wrong result is reported."""
+
+    def results(module, packed: bool) -> list:
+        leaf = x.detach().requires_grad_()
+        if packed:
+            output, hidden = module(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+            output, _ = pad_packed_sequence(output, total_length=x.shape[0])
+        else:
+            output, hidden = module(leaf, lengths=lengths)
+        loss = weighted_loss((output, hidden))
+        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        states = hidden if isinstance(hidden, tuple) else (hidden,)
+        return [output.detach(), *(h.detach() for h in states), *grads]
+
+    expected = results(theirs, packed=True)
+    for packed in (False, True):
+        for k, (got, want) in enumerate(zip(results(ours, packed), expected)):
+            detail = result_difference(got, want)
+            if detail is not None:
+                path = "PackedSequence" if packed else "lengths="
+                raise RuntimeError(f"rnnext ({path}) disagrees with torch.nn, result {k}: {detail}")
+
+
 def lengths_steps(cell: str, T: int, B: int, H: int, low: int, device: str = "cpu") -> dict:
     """The timed callables of the lengths measurement, on the same weights and inputs."""
     torch.manual_seed(0)
@@ -75,6 +101,7 @@ def lengths_steps(cell: str, T: int, B: int, H: int, low: int, device: str = "cp
 
         return step
 
+    check_agreement(theirs, ours, x, lengths)
     # packing is part of the packed path's cost, so it is rebuilt inside the timed step
     return {
         "torch_packed": lambda: run(
@@ -148,7 +175,9 @@ def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | 
         output, _ = module(x)
         output.sum().backward()
         torch.cuda.synchronize()
-    except RuntimeError as err:  # cuDNN refuses some lengths; recorded, not fatal
+    except RuntimeError as err:  # cuDNN refuses some lengths: recorded, not fatal (rnnext's raise)
+        if impl != "torch.nn":
+            raise
         return {**row, "error": str(err).splitlines()[0], "peak_gb": None, "seconds": None}
     seconds = time.perf_counter() - start
     return {**row, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "seconds": seconds}
@@ -188,6 +217,8 @@ def main() -> None:
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     repeats, rounds = (2, 1) if args.quick else (args.repeats, args.rounds)
+    # full float32 on both sides, as in the main benchmark (cuDNN would otherwise use TF32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     report = {
         "machine": {
             "platform": platform.platform(),

@@ -252,7 +252,7 @@ def _loss(output: tuple[Tensor, State]) -> Tensor:
     return torch.stack([t.sum() for t in _results(output)]).sum()
 
 
-def _weighted_loss(output: tuple[Tensor, State]) -> Tensor:
+def weighted_loss(output: tuple[Tensor, State]) -> Tensor:
     """A sum of every result with fixed, position-dependent weights (1 to 7): unlike a plain
     sum, its gradient tells every output position apart, so errors cannot hide in symmetry."""
 
@@ -277,7 +277,7 @@ def check_agreement(reference: nn.Module, fused: nn.Module, x: Tensor, hx: State
     for module in (reference, fused):
         leaf = x.detach().clone().requires_grad_(True)
         output = module(leaf, hx)
-        _weighted_loss(output).backward()
+        weighted_loss(output).backward()
         grads = [leaf.grad] + [p.grad for p in module.parameters()]
         backward.append([t.detach() for t in _results(output)] + grads)
         module.zero_grad(set_to_none=True)
@@ -287,13 +287,13 @@ def check_agreement(reference: nn.Module, fused: nn.Module, x: Tensor, hx: State
         if len(expected) != len(actual):
             return f"{pass_name}: {len(actual)} results against torch.nn's {len(expected)}"
         for label, want, got in zip(labels, expected, actual):
-            detail = _difference(got, want)
+            detail = result_difference(got, want)
             if detail is not None:
                 return f"{pass_name} {label}: {detail}"
     return None
 
 
-def _difference(got: Tensor, want: Tensor) -> str | None:
+def result_difference(got: Tensor, want: Tensor) -> str | None:
     """None if got agrees with want at the dtype's tolerance, else a description."""
     if want.dtype in HALF_TOLERANCE and got.dtype == want.dtype and got.shape == want.shape:
         scale = want.abs().max().float().item() if want.numel() else 0.0
