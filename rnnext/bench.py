@@ -10,9 +10,11 @@ benchmark builds a torch.nn module and the matching rnnext module with the same 
   ``(output.sum() + h_n.sum() [+ c_n.sum()]).backward()``; input and parameter grads are set
   to None between repeats, outside the timed region.
 
-Before anything is timed, both passes run once on both modules and the outputs, final states
-and gradients are compared: float32 and float64 with ``torch.testing.assert_close(rtol=1e-3,
-atol=1e-4 * max(1, m))``, m the tensor's largest absolute value; float16 and bfloat16 (CUDA
+Before anything is timed, both passes run once on both modules (the backward of a sum of
+every result with fixed weights 1 to 7 by position) and the outputs, final states and
+gradients are compared: float32 with ``torch.testing.assert_close(rtol=1e-3, atol=1e-4 *
+max(1, m))``, m the tensor's largest absolute value, float64 with rtol 1e-9 and atol
+1e-10 * max(1, m); float16 and bfloat16 (CUDA
 only) by the largest difference relative to m, at most ``HALF_TOLERANCE`` (a wrong gate or a
 missing term gives errors of order one there). On CUDA, float32 runs with TF32 off on both
 sides (cuDNN and rnnext's cuBLAS GEMMs) unless ``--tf32`` turns it on for both. A
