@@ -230,9 +230,11 @@ void for_member_rows(const TeamMember& m, bool by_rows, int64_t lo, int64_t hi, 
   }
 }
 
-// A team member's part of a forward step: its units' columns of every gate product and their
-// pointwise pass; the step ends at a barrier, since the next one reads all of h'. The input
-// projection of a block needs no barrier: each member reads back only its own columns.
+// The forward time loop, one direction; a team member's part (TeamPlan). By units: its units'
+// columns of every gate product and their pointwise pass, and the step ends at a barrier,
+// since the next one reads all of h'; the input projection of a block needs none, as each
+// member reads back only its own columns. By rows: every column of its rows, no barrier per
+// step.
 template <typename Cell, typename T>
 void forward_direction(const ForwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
@@ -513,9 +515,11 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   m.sync();
 }
 
-// A team member's part of a backward step: its units' pointwise pass, then (once every gate
-// gradient of the step is there) its columns of dh_prev = dgh_t @ W_hh, which are its own
-// units again, so the next step's pointwise pass needs no second barrier.
+// The backward time loop, one direction; a team member's part (TeamPlan). By units: its units'
+// pointwise pass, then (once every gate gradient of the step is there) its columns of dh_prev
+// = dgh_t @ W_hh, which are its own units again, so the next step's pointwise pass needs no
+// second barrier. By rows: its rows' pointwise pass and their dh_prev, with no barrier until
+// the block's GEMMs, which need every row's gate gradients.
 template <typename Cell, typename T>
 void backward_direction(const BackwardParams<T>& p) {
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
