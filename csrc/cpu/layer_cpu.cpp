@@ -199,6 +199,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor dgh = separate_dgh ? at::empty({s.D, steps, s.B, GH}, opts) : dgx;
   const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
   const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, opts) : Tensor();
+  const Tensor grad_w_hr_block =
+      s.has_proj && need_weights ? at::empty({s.D, s.P, s.H}, opts) : Tensor();
   const Tensor go_rows = at::empty({s.D, s.B, s.P}, opts);
   // the weight gradients' operands, gathered where rows have ended (compact layout)
   const bool gathers = need_weights && s.has_ended_rows();
@@ -250,6 +252,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.dgh = at_d(dgh);
       p.grad_h = at_d(grad_h);
       p.dm = at_d(dm);
+      p.grad_w_hr_block = at_d(grad_w_hr_block);
       p.go_rows = at_d(go_rows);
       p.x_rows = at_d(x_rows);
       p.h_rows = at_d(h_rows);
