@@ -230,6 +230,14 @@ void for_member_rows(const TeamMember& m, bool by_rows, int64_t lo, int64_t hi, 
   }
 }
 
+// Calls f(b) for each of the member's rows among [lo, hi) (for_member_rows), one at a time.
+template <typename F>
+void for_each_member_row(const TeamMember& m, bool by_rows, int64_t lo, int64_t hi, const F& f) {
+  for_member_rows(m, by_rows, lo, hi, [&](int64_t first, int64_t count, int64_t stride) {
+    for (int64_t i = 0; i < count; ++i) f(first + i * stride);
+  });
+}
+
 // The forward time loop, one direction; a team member's part (TeamPlan). By units: its units'
 // columns of every gate product and their pointwise pass, and the step ends at a barrier,
 // since the next one reads all of h'; the input projection of a block needs none, as each
@@ -293,9 +301,7 @@ void forward_direction(const ForwardParams<T>& p) {
                                                                 step_units.begin, step_units.end);
       };
       if (by_rows) {
-        for_member_rows(m, true, 0, n, [&](int64_t b, int64_t count, int64_t stride) {
-          for (int64_t i = 0; i < count; ++i) pointwise(b + i * stride, b + i * stride + 1);
-        });
+        for_each_member_row(m, true, 0, n, [&](int64_t b) { pointwise(b, b + 1); });
       } else {
         at::parallel_for(0, n, pointwise_grain(GH), pointwise);
       }
@@ -560,11 +566,9 @@ void backward_direction(const BackwardParams<T>& p) {
           go_t = base;
           ld_go = p.go_stride_b;
         } else {
-          for_member_rows(m, by_rows, 0, n, [&](int64_t b0, int64_t count, int64_t stride) {
-            for (int64_t b = b0; b < b0 + count * stride; b += stride) {
-              for (int64_t j = state_cols.begin; j < state_cols.end; ++j) {
-                p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
-              }
+          for_each_member_row(m, by_rows, 0, n, [&](int64_t b) {
+            for (int64_t j = state_cols.begin; j < state_cols.end; ++j) {
+              p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
             }
           });
           go_t = p.go_rows;
@@ -592,14 +596,9 @@ void backward_direction(const BackwardParams<T>& p) {
       };
       if (by_rows) {
         // a member's rows need only their own gate gradients from here on
-        for_member_rows(m, true, 0, n, [&](int64_t b, int64_t count, int64_t stride) {
-          for (int64_t i = 0; i < count; ++i) pointwise(b + i * stride, b + i * stride + 1);
-        });
-        for_member_rows(m, true, n_cont, n, [&](int64_t b, int64_t count, int64_t stride) {
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t r = b + i * stride;
-            std::copy_n(dgh_t + r * GH, GH, p.dgh_first + r * GH);
-          }
+        for_each_member_row(m, true, 0, n, [&](int64_t b) { pointwise(b, b + 1); });
+        for_each_member_row(m, true, n_cont, n, [&](int64_t b) {
+          std::copy_n(dgh_t + b * GH, GH, p.dgh_first + b * GH);
         });
       } else {
         at::parallel_for(0, n, pointwise_grain(GH), pointwise);
