@@ -84,11 +84,14 @@ def test_deterministic(mode):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_graph_capture_and_replay(mode):
+def test_cuda_graph_capture_and_replay(mode, bidirectional):
     """The forward captures into a CUDA graph; a replay on new input equals an eager call."""
     torch.manual_seed(2)
-    _, ours = module_pair(mode, 8, 16, dtype=torch.float32, device="cuda")
+    _, ours = module_pair(
+        mode, 8, 16, dtype=torch.float32, device="cuda", bidirectional=bidirectional
+    )
     static_x = torch.randn(10, 4, 8, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -147,11 +150,45 @@ def test_repeated_calls_replay_a_graph(mode, bidirectional, monkeypatch):
     assert count["graph_launches"] >= 10
 
 
+@pytest.mark.parametrize("graphs", ["0", "1"])
+@pytest.mark.parametrize("mode", MODES)
+def test_directions_on_two_streams_match_one_stream(mode, graphs, monkeypatch):
+    """The two directions of a bidirectional layer, run at once on two streams (eagerly and
+    replayed), give bitwise the results of running them one after the other on one stream:
+    outputs, states and every gradient, with lengths and a projection for the LSTM."""
+    torch.manual_seed(6)
+    proj = {"proj_size": 6} if mode == "LSTM" else {}
+    _, ours = module_pair(
+        mode, 8, 16, dtype=torch.float32, device="cuda", bidirectional=True, **proj
+    )
+    x = torch.randn(13, 5, 8, device="cuda")
+    lengths = torch.tensor([13, 9, 9, 4, 0])
+    monkeypatch.setenv("RNNEXT_CUDA_GRAPHS", graphs)
+
+    def call():
+        leaf = x.detach().requires_grad_()
+        result = flat(ours(leaf, lengths=lengths))
+        if len(result) == 2:
+            result.append(result[0].new_zeros(0))
+        grads = torch.autograd.grad(weighted_loss(*result), [leaf, *ours.parameters()])
+        return [t.detach().clone() for t in (*result, *grads)]
+
+    monkeypatch.setenv("RNNEXT_CUDA_PARALLEL_DIRECTIONS", "0")
+    one_stream = call()
+    monkeypatch.setenv("RNNEXT_CUDA_PARALLEL_DIRECTIONS", "1")
+    for _ in range(3):  # with graphs: eager, captured, replayed
+        for want, got in zip(one_stream, call()):
+            assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
-def test_side_stream(mode):
+def test_side_stream(mode, bidirectional):
     """Work queued on a non-default stream gives the default stream's results."""
     torch.manual_seed(3)
-    _, ours = module_pair(mode, 8, 16, dtype=torch.float64, device="cuda")
+    _, ours = module_pair(
+        mode, 8, 16, dtype=torch.float64, device="cuda", bidirectional=bidirectional
+    )
     x = torch.randn(9, 3, 8, dtype=torch.float64, device="cuda")
     expected = ours(x)[0]
     stream = torch.cuda.Stream()

@@ -4,9 +4,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -38,16 +41,37 @@ struct Entry {
   bool capture_failed = false;
 };
 
-// Where one launch stream's graphs are captured: a stream of its own (the legacy default
-// stream cannot capture) and a cuBLAS workspace of its own, which the graphs' GEMMs keep
-// using at every replay. torch's workspaces cannot serve: torch may free them (its own graph
-// tools clear them), and another stream's work may use them while a graph replays.
-struct CaptureTarget {
+// One lane of a capture: a stream (the legacy default stream cannot capture) and a cuBLAS
+// workspace of its own, which the graphs' GEMMs keep using at every replay. torch's
+// workspaces cannot serve: torch may free them (its own graph tools clear them), and another
+// stream's work may use them while a graph replays. Lanes that run together need distinct
+// workspaces.
+struct CaptureLane {
   cudaStream_t stream = nullptr;
-  size_t workspace_size = 0;
   c10::DataPtr workspace;
+  cudaEvent_t done = nullptr;  // recorded at the end of a forked lane's work, to join it
+};
+
+// Where one launch stream's graphs are captured: lanes[0] captures, further lanes fork from it.
+struct CaptureTarget {
+  size_t workspace_size = 0;
+  std::vector<CaptureLane> lanes;
+  cudaEvent_t fork = nullptr;
   std::vector<c10::DataPtr> retired;  // workspaces of an earlier size that older graphs use
 };
+
+// Events of one host thread for forking and joining eager lanes on a device. Per thread:
+// another thread's record between this one's record and wait would redirect the wait.
+struct EagerForks {
+  cudaEvent_t fork = nullptr;
+  std::vector<cudaEvent_t> done;
+};
+
+cudaEvent_t new_event() {
+  cudaEvent_t event = nullptr;
+  check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "event creation");
+  return event;
+}
 
 // Process-wide counters, for tests and diagnosis (rnnext.functional.cuda_graph_stats).
 enum Counter { kFirstSightings, kCaptures, kFailedCaptures, kGraphLaunches, kCounters };
@@ -67,18 +91,49 @@ Cache& cache() {
   return *instance;
 }
 
-bool graphs_enabled() {
-  const char* env = std::getenv("RNNEXT_CUDA_GRAPHS");
+bool enabled(const char* variable) {
+  const char* env = std::getenv(variable);
   return env == nullptr || std::string(env) != "0";
 }
 
-// The target for a launch stream, set up on first use: its stream, a workspace of torch's
-// size, and the device's capture handle, which runs one small GEMM there outside any capture
-// (so that nothing cuBLAS sets up lazily happens during one). The GEMM runs on the launch
-// stream: the workspace comes from the caching allocator on that stream, so only work
-// ordered after the stream's earlier work may touch it. Null past the limit of streams. A
-// failure leaves no half-built target behind.
-CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandle_t& blas) {
+// Queues the lanes without a graph: forked onto streams from torch's pool and joined back
+// into `stream` when `parallel`, else one after the other on `stream`. torch's cuBLAS handle
+// is bound to each lane's stream in turn (with that stream's workspace, so lanes running
+// together never share one).
+void enqueue_eagerly(cudaStream_t stream, cublasHandle_t blas, const std::vector<Lane>& lanes,
+                     bool parallel) {
+  if (!parallel || lanes.size() == 1) {
+    for (const Lane& lane : lanes) lane(stream, blas);
+    return;
+  }
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  thread_local std::map<c10::DeviceIndex, EagerForks> forks_by_device;
+  EagerForks& forks = forks_by_device[device];
+  if (forks.fork == nullptr) forks.fork = new_event();
+  while (forks.done.size() < lanes.size() - 1) forks.done.push_back(new_event());
+  check_cuda(cudaEventRecord(forks.fork, stream), "event record");
+  for (size_t k = 1; k < lanes.size(); ++k) {
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device);
+    check_cuda(cudaStreamWaitEvent(side.stream(), forks.fork, 0), "stream wait");
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    lanes[k](side.stream(), at::cuda::getCurrentCUDABlasHandle());
+    check_cuda(cudaEventRecord(forks.done[k - 1], side.stream()), "event record");
+  }
+  // (getCurrentCUDABlasHandle binds the handle back to the caller's stream)
+  lanes[0](stream, at::cuda::getCurrentCUDABlasHandle());
+  for (size_t k = 1; k < lanes.size(); ++k) {
+    check_cuda(cudaStreamWaitEvent(stream, forks.done[k - 1], 0), "stream wait");
+  }
+}
+
+// The target for a launch stream with at least `lane_count` lanes, set up on first use: its
+// streams, workspaces of torch's size, and the device's capture handle, which runs one small
+// GEMM on the launch stream outside any capture (so that nothing cuBLAS sets up lazily
+// happens during one). The workspaces come from the caching allocator on the launch stream,
+// so only work ordered after that stream's earlier work may touch them. Null past the limit
+// of streams. A failure leaves no half-built target behind.
+CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, size_t lane_count,
+                          cublasHandle_t& blas) {
   if (c.handles[device] == nullptr) check_blas(cublasCreate(&c.handles[device]), "handle creation");
   blas = c.handles[device];
   auto found = c.targets.find({device, launch});
@@ -86,53 +141,96 @@ CaptureTarget* target_for(Cache& c, int device, cudaStream_t launch, cublasHandl
     return nullptr;
   }
   const size_t size = at::cuda::getChosenWorkspaceSize();
-  if (found != c.targets.end() && found->second.workspace_size == size) return &found->second;
-
-  // the warm-up GEMM's operands past the workspace, aligned whatever the workspace's size
+  if (found != c.targets.end() && found->second.workspace_size == size &&
+      found->second.lanes.size() >= lane_count) {
+    return &found->second;
+  }
+  // new workspaces for every lane after a change of torch's size, else for the added lanes
+  const bool resized = found == c.targets.end() || found->second.workspace_size != size;
+  const size_t have = found == c.targets.end() ? 0 : found->second.lanes.size();
+  const size_t lanes = std::max(lane_count, have), first_new = resized ? 0 : have;
+  // the warm-up GEMM's operands past the first workspace, aligned whatever its size
   const size_t scratch_offset = (size + 255) / 256 * 256;
-  c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(scratch_offset + 64);
-  float* scratch = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + scratch_offset);
-  const float one = 1, zero = 0;
-  check_blas(cublasSetStream(blas, launch), "set stream");
-  check_blas(cublasSetWorkspace(blas, workspace.get(), size), "set workspace");
-  check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1, 1,
-                         &zero, scratch + 2, 1),
-             "warm-up gemm");
+  std::vector<c10::DataPtr> workspaces;
+  for (size_t k = first_new; k < lanes; ++k) {
+    workspaces.push_back(c10::cuda::CUDACachingAllocator::get()->allocate(
+        k == 0 ? scratch_offset + 64 : std::max<size_t>(size, 1)));
+  }
+  if (resized) {
+    float* scratch =
+        reinterpret_cast<float*>(static_cast<char*>(workspaces[0].get()) + scratch_offset);
+    const float one = 1, zero = 0;
+    check_blas(cublasSetStream(blas, launch), "set stream");
+    check_blas(cublasSetWorkspace(blas, workspaces[0].get(), size), "set workspace");
+    check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, scratch, 1, scratch + 1,
+                           1, &zero, scratch + 2, 1),
+               "warm-up gemm");
+  }
   if (found == c.targets.end()) {
-    cudaStream_t stream = nullptr;
-    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream creation");
+    const cudaEvent_t fork = new_event();
     found = c.targets.emplace(std::make_pair(device, launch), CaptureTarget{}).first;
-    found->second.stream = stream;
+    found->second.fork = fork;
     ++c.streams_per_device[device];
   }
   CaptureTarget& target = found->second;
-  if (target.workspace) target.retired.push_back(std::move(target.workspace));
-  target.workspace = std::move(workspace);
+  while (target.lanes.size() < lanes) {
+    CaptureLane lane;
+    check_cuda(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "stream creation");
+    lane.done = new_event();
+    target.lanes.push_back(std::move(lane));
+  }
+  for (size_t k = first_new; k < lanes; ++k) {
+    c10::DataPtr& workspace = target.lanes[k].workspace;
+    if (workspace) target.retired.push_back(std::move(workspace));
+    workspace = std::move(workspaces[k - first_new]);
+  }
   target.workspace_size = size;
   return &target;
 }
 
-// The graph of enqueue's work, captured on `target` with `blas` set up like the caller's
-// handle (its math mode, and a workspace of torch's size, so that cuBLAS picks the kernels an
-// eager call gets); null, after a warning, where the capture fails or throws.
+// Binds the capture handle to a lane's stream and workspace.
+void bind(cublasHandle_t blas, const CaptureLane& lane, size_t workspace_size) {
+  check_blas(cublasSetStream(blas, lane.stream), "set stream");
+  check_blas(cublasSetWorkspace(blas, lane.workspace.get(), workspace_size), "set workspace");
+}
+
+// The graph of the lanes' work, captured on `target` with `blas` set up like the caller's
+// handle (its math mode, and workspaces of torch's size, so that cuBLAS picks the kernels an
+// eager call gets); lanes past the first fork from the capturing stream when `parallel`. Null,
+// after a warning, where the capture fails or throws.
 cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublasMath_t math,
-                        const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
-  check_blas(cublasSetStream(blas, target.stream), "set stream");
+                        const std::vector<Lane>& lanes, bool parallel) {
+  const CaptureLane& main = target.lanes[0];
   check_blas(cublasSetMathMode(blas, math), "set math mode");
-  check_blas(cublasSetWorkspace(blas, target.workspace.get(), target.workspace_size),
-             "set workspace");
-  check_cuda(cudaStreamBeginCapture(target.stream, cudaStreamCaptureModeThreadLocal),
+  check_cuda(cudaStreamBeginCapture(main.stream, cudaStreamCaptureModeThreadLocal),
              "graph capture");
   cudaGraph_t graph = nullptr;
   bool failed = false;
   std::string failure;
   try {
-    enqueue(target.stream, blas);
+    if (parallel && lanes.size() > 1) {
+      check_cuda(cudaEventRecord(target.fork, main.stream), "event record");
+      for (size_t k = 1; k < lanes.size(); ++k) {
+        const CaptureLane& side = target.lanes[k];
+        check_cuda(cudaStreamWaitEvent(side.stream, target.fork, 0), "stream wait");
+        bind(blas, side, target.workspace_size);
+        lanes[k](side.stream, blas);
+        check_cuda(cudaEventRecord(side.done, side.stream), "event record");
+      }
+      bind(blas, main, target.workspace_size);
+      lanes[0](main.stream, blas);
+      for (size_t k = 1; k < lanes.size(); ++k) {
+        check_cuda(cudaStreamWaitEvent(main.stream, target.lanes[k].done, 0), "stream wait");
+      }
+    } else {
+      bind(blas, main, target.workspace_size);
+      for (const Lane& lane : lanes) lane(main.stream, blas);
+    }
   } catch (const std::exception& e) {
     failed = true;
     failure = e.what();
   }
-  cudaError_t status = cudaStreamEndCapture(target.stream, &graph);
+  cudaError_t status = cudaStreamEndCapture(main.stream, &graph);
   cudaGraphExec_t exec = nullptr;
   if (!failed && status == cudaSuccess && graph != nullptr) {
     status = cudaGraphInstantiateWithFlags(&exec, graph, 0);
@@ -161,16 +259,22 @@ std::vector<int64_t> graph_stats(const at::Tensor& /*on_cuda*/) {
 }  // namespace
 
 void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, int64_t steps,
-                        const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue) {
+                        const std::vector<Lane>& lanes) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+  const bool parallel = enabled("RNNEXT_CUDA_PARALLEL_DIRECTIONS");
   // Eager: when disabled, for long calls, inside the caller's own capture (its graph takes
-  // the launches), and while an earlier error is pending (left for the caller's check).
+  // the launches, one lane after the other), and while an earlier error is pending (left for
+  // the caller's check).
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  if (!graphs_enabled() || steps > kMaxGraphSteps || cudaPeekAtLastError() != cudaSuccess ||
-      cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
+  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
       capturing != cudaStreamCaptureStatusNone) {
-    enqueue(stream, blas);
+    enqueue_eagerly(stream, blas, lanes, false);
+    return;
+  }
+  if (!enabled("RNNEXT_CUDA_GRAPHS") || steps > kMaxGraphSteps ||
+      cudaPeekAtLastError() != cudaSuccess) {
+    enqueue_eagerly(stream, blas, lanes, parallel);
     return;
   }
   const int device = c10::cuda::current_device();
@@ -180,7 +284,8 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
   check_blas(cublasGetMathMode(blas, &math), "get math mode");
   std::vector<int64_t> key = make_key();
   key.insert(key.end(), {device, reinterpret_cast<int64_t>(stream), static_cast<int64_t>(math),
-                         static_cast<int64_t>(at::cuda::getChosenWorkspaceSize())});
+                         static_cast<int64_t>(at::cuda::getChosenWorkspaceSize()),
+                         static_cast<int64_t>(lanes.size()), parallel ? 1 : 0});
 
   Cache& c = cache();
   std::unique_lock<std::mutex> lock(c.mutex);
@@ -195,7 +300,7 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
     }
     ++c.counters[kFirstSightings];
     lock.unlock();
-    enqueue(stream, blas);
+    enqueue_eagerly(stream, blas, lanes, parallel);
     return;
   }
   c.entries.splice(c.entries.begin(), c.entries, entry);
@@ -204,9 +309,11 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
     bool too_many_streams = false;
     cublasHandle_t capture_blas = nullptr;
     try {
-      const CaptureTarget* target = target_for(c, device, stream, capture_blas);
+      const CaptureTarget* target = target_for(c, device, stream, lanes.size(), capture_blas);
       too_many_streams = target == nullptr;
-      if (target != nullptr) entry->graph = capture(*target, capture_blas, math, enqueue);
+      if (target != nullptr) {
+        entry->graph = capture(*target, capture_blas, math, lanes, parallel);
+      }
     } catch (const std::exception& e) {
       cudaGetLastError();
       TORCH_WARN_ONCE("rnnext: setting up a CUDA graph capture failed (", e.what(),
@@ -217,7 +324,7 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
   }
   if (entry->graph == nullptr) {
     lock.unlock();
-    enqueue(stream, blas);
+    enqueue_eagerly(stream, blas, lanes, parallel);
     return;
   }
   // launched under the lock: no other thread can free this graph meanwhile

@@ -21,15 +21,22 @@
 namespace rnnext {
 namespace cuda {
 
-// Queues enqueue(stream, blas) for the current stream and cuBLAS handle, or replays it as a
-// CUDA graph. make_key() must return everything enqueue reads on the host, so that equal keys
-// queue equal work on the same memory: the second call with a key captures the graph, later
-// ones replay it. `steps` (the time steps queued, all directions) bounds the graph's size:
-// longer calls, calls inside the caller's own stream capture, and any call with
-// RNNEXT_CUDA_GRAPHS=0 in the environment run eagerly (without building a key). A capture
-// that fails warns once and leaves its key eager.
+// One lane of a call's work: queues its launches on `stream`, with `blas` bound to that stream.
+using Lane = std::function<void(cudaStream_t, cublasHandle_t)>;
+
+// Queues a call's lanes (independent work: the directions of a bidirectional layer) for the
+// current stream and cuBLAS handle, or replays them as a CUDA graph. Lanes past the first run
+// on streams of their own, forked from the current stream and joined back into it, so that
+// small steps of two directions fill the GPU together; they run one after the other on the
+// current stream inside the caller's own stream capture and with
+// RNNEXT_CUDA_PARALLEL_DIRECTIONS=0 in the environment. make_key() must return everything the
+// lanes read on the host, so that equal keys queue equal work on the same memory: the second
+// call with a key captures the graph, later ones replay it. `steps` (the time steps queued,
+// all lanes) bounds the graph's size: longer calls, calls inside the caller's own stream
+// capture, and any call with RNNEXT_CUDA_GRAPHS=0 in the environment run eagerly (without
+// building a key). A capture that fails warns once and leaves its key eager.
 void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, int64_t steps,
-                        const std::function<void(cudaStream_t, cublasHandle_t)>& enqueue);
+                        const std::vector<Lane>& lanes);
 
 // Appends a params struct (LayerSizes and raw pointers and sizes, value-initialised) to a
 // key: its bytes, with the host arrays of the step order replaced by their contents.

@@ -1,8 +1,9 @@
 // CUDA implementations of rnnext::layer_forward and rnnext::layer_backward: argument checks,
 // the device guard, buffers and the current stream and cuBLAS handle here; the time loops and
-// kernels in layer_driver.cu, which sees no torch header. Directions run one after the other
-// on the current stream, sharing their scratch buffers; a call that repeats one before (same
-// buffers, sizes and lengths) replays their launches as a CUDA graph (graph_replay.h).
+// kernels in layer_driver.cu, which sees no torch header. The directions of a bidirectional
+// layer have scratch buffers of their own and run on two streams at once; a call that repeats
+// one before (same buffers, sizes and lengths) replays their launches as a CUDA graph
+// (graph_replay.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -49,11 +50,11 @@ T* data(const Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// Steps per block of the input-side GEMMs: blocks of about 2^25 gate values keep scratch
-// bounded for long sequences while every block's GEMMs stay large. RNNEXT_CUDA_BLOCK_STEPS
-// overrides it (tests use it to cover many blocks with small sizes).
+// Steps per block of the input-side GEMMs: blocks of about 2^25 gate values over all
+// directions keep scratch bounded for long sequences while every block's GEMMs stay large.
+// RNNEXT_CUDA_BLOCK_STEPS overrides it (tests use it to cover many blocks with small sizes).
 int64_t block_steps(const LayerShape& s) {
-  int64_t steps = ((int64_t{1} << 25) / (s.G * s.H)) / std::max<int64_t>(s.B, 1);
+  int64_t steps = ((int64_t{1} << 25) / (s.D * s.G * s.H)) / std::max<int64_t>(s.B, 1);
   if (const char* env = std::getenv("RNNEXT_CUDA_BLOCK_STEPS")) steps = std::atoll(env);
   return std::clamp<int64_t>(steps, 1, s.T);
 }
@@ -126,10 +127,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor workspace =
       need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
   if (s.B == 0) return {output, h_n, c_n, workspace};
-  const Tensor xg = at::empty({block_steps(s), s.B, s.G * s.H}, acc_opts);
-  const Tensor hg = at::empty({s.B, s.G * s.H}, acc_opts);
+  // scratch, one per direction
+  const Tensor xg = at::empty({s.D, block_steps(s), s.B, s.G * s.H}, acc_opts);
+  const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, acc_opts);
   const Tensor c_state = has_state ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
-  const Tensor step_scratch = at::empty({need_workspace ? 0 : s.B, s.ws_row}, opts);
+  const Tensor step_scratch = at::empty({s.D, need_workspace ? 0 : s.B, s.ws_row}, opts);
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
@@ -140,21 +142,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         for (int64_t d = 0; d < s.D; ++d) {
           ForwardParams<T>& p = params[d];
           fill_dims(p, s, input, d, inputs[d]);
-          p.xg = data<acc_t<T>>(xg);
-          p.hg = data<acc_t<T>>(hg);
+          p.xg = data<acc_t<T>>(xg) + d * xg.stride(0);
+          p.hg = data<acc_t<T>>(hg) + d * hg.stride(0);
           p.c_state = has_state ? data<acc_t<T>>(c_state) + d * s.B * s.H : nullptr;
           p.output = data<T>(output) + d * s.P;
           p.h_n = data<T>(h_n) + d * s.B * s.P;
           p.workspace = need_workspace ? data<T>(workspace) + d * workspace.stride(0) : nullptr;
-          p.step_scratch = data<T>(step_scratch);
+          p.step_scratch = data<T>(step_scratch) + d * step_scratch.stride(0);
           if (has_state) c_state[d].copy_(inputs[d].c0);
         }
-        // the directions share xg and hg, so they run one after the other
-        enqueue_replayable([&] { return call_key(0, s, input, params); }, s.D * s.T,
-                           [&](cudaStream_t stream, cublasHandle_t blas) {
-                             for (const auto& p : params)
-                               forward_direction<T>(s.cell, p, blas, stream);
-                           });
+        std::vector<Lane> lanes;
+        for (const auto& p : params) {
+          lanes.emplace_back([&](cudaStream_t stream, cublasHandle_t blas) {
+            forward_direction<T>(s.cell, p, blas, stream);
+          });
+        }
+        enqueue_replayable([&] { return call_key(0, s, input, params); }, s.D * s.T, lanes);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (has_state) c_n.copy_(c_state);
@@ -186,8 +189,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const bool separate_dgh =
       cells::visit(s.cell, [](auto c) { return decltype(c)::kSeparateHiddenGrad; });
 
-  // Gradients accumulate in acc_opts (float for the half types) and convert at the end.
-  const Tensor grad_x = need_input ? at::zeros({s.T, s.B, s.I}, acc_opts) : Tensor();
+  // Gradients accumulate in acc_opts (float for the half types) and convert at the end. Each
+  // direction sums its part of grad_x in its own buffer (they run at once).
+  const Tensor grad_x = need_input ? at::zeros({s.D, s.T, s.B, s.I}, acc_opts) : Tensor();
   std::vector<std::vector<Tensor>> grad_w(s.D);
   for (int64_t d = 0; d < s.D && need_weights; ++d)
     grad_w[d] = zero_weight_gradients(s, d, acc_opts);
@@ -200,11 +204,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   };
   const Tensor dh = running(grad_h_n, s.P);
   const Tensor dc = has_state ? running(grad_c_n, s.H) : Tensor();
-  // scratch for one block of steps, shared by the directions (they run one after the other)
-  const Tensor dgx = at::empty({steps, s.B, GH}, opts);
-  const Tensor dgh = separate_dgh ? at::empty({steps, s.B, GH}, opts) : dgx;
-  const Tensor grad_h = s.has_proj ? at::empty({steps, s.B, s.P}, opts) : Tensor();
-  const Tensor dm = s.has_proj ? at::empty({s.B, s.H}, acc_opts) : Tensor();
+  // scratch for one block of steps, one per direction
+  const Tensor dgx = at::empty({s.D, steps, s.B, GH}, opts);
+  const Tensor dgh = separate_dgh ? at::empty({s.D, steps, s.B, GH}, opts) : dgx;
+  const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
+  const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
   const Tensor ones = at::ones({steps * s.B}, opts);
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
@@ -232,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
               p.go_stride_j = grad_output->stride(2);
             }
             p.ones = data<T>(ones);
-            p.grad_x = data<A>(grad_x);
+            p.grad_x = need_input ? data<A>(grad_x) + d * grad_x.stride(0) : nullptr;
             p.grad_w_ih = grad(0);
             p.grad_w_hh = grad(1);
             p.grad_b_ih = has_biases ? grad(2) : nullptr;
@@ -241,17 +245,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
             p.dgh_first = data<A>(dgh_first) + d * s.B * GH;
             p.dh = data<A>(dh) + d * s.B * s.P;
             p.dc = has_state ? data<A>(dc) + d * s.B * s.H : nullptr;
-            p.dm = data<A>(dm);
-            p.dgx = data<T>(dgx);
-            p.dgh = data<T>(dgh);
-            p.grad_h = data<T>(grad_h);
+            p.dm = s.has_proj ? data<A>(dm) + d * dm.stride(0) : nullptr;
+            p.dgx = data<T>(dgx) + d * dgx.stride(0);
+            p.dgh = data<T>(dgh) + d * dgh.stride(0);
+            p.grad_h = s.has_proj ? data<T>(grad_h) + d * grad_h.stride(0) : nullptr;
           }
-          // the directions share the scratch of a block, so they run one after the other
-          enqueue_replayable([&] { return call_key(1, s, input, params); }, s.D * s.T,
-                             [&](cudaStream_t stream, cublasHandle_t blas) {
-                               for (const auto& p : params)
-                                 backward_direction<T>(s.cell, p, blas, stream);
-                             });
+          std::vector<Lane> lanes;
+          for (const auto& p : params) {
+            lanes.emplace_back([&](cudaStream_t stream, cublasHandle_t blas) {
+              backward_direction<T>(s.cell, p, blas, stream);
+            });
+          }
+          enqueue_replayable([&] { return call_key(1, s, input, params); }, s.D * s.T, lanes);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
@@ -264,7 +269,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     for (Tensor& g : grad_w[d]) grad_weights.push_back(g.to(dtype));
   }
   // (unwanted gradients are distinct empty tensors: outputs must not alias each other)
-  const Tensor grad_input = need_input ? grad_x.to(dtype) : at::empty({0}, opts);
+  const Tensor grad_input =
+      need_input ? (s.D == 2 ? grad_x[0] + grad_x[1] : grad_x[0]).to(dtype) : at::empty({0}, opts);
   const Tensor grad_hx = need_state ? dh.to(dtype) : at::empty({0}, opts);
   const Tensor grad_cx = need_state && has_state ? dc.to(dtype) : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_weights};
