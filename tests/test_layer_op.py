@@ -23,6 +23,19 @@ def run_both(mode, x, weights, h0, c0, bias, bidirectional, lengths=None, loss=w
     return results
 
 
+def assert_matches(mode, x, weights, h0, bidirectional, lengths, loss=weighted_loss):
+    """float32: assert_float32_matches; float64: the reference's results and gradients to
+    float64's default tolerances."""
+    if x.dtype == torch.float32:
+        assert_float32_matches(mode, x, weights, h0, bidirectional, lengths, loss)
+        return
+    (ours, our_grads), (ref, ref_grads) = run_both(
+        mode, x, weights, h0, None, True, bidirectional, lengths, loss
+    )
+    for a, b in zip(ours + our_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+
+
 def assert_float32_matches(mode, x, weights, h0, bidirectional, lengths, loss=weighted_loss):
     """rnnext in float32 against the float64 reference, the exact answer: ours may differ from
     it by a few times the float32 reference's own error, plus a few float32 ulps of the
@@ -111,7 +124,7 @@ def test_lengths_and_projection_match_reference(mode, bidirectional, proj, lengt
 def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
     """Long sequences run their input-side GEMMs in blocks of steps: many blocks, with a
     partial last one, both directions and lengths (which make the blocks' buffers compact),
-    give the reference's results; float64 through BLAS, float32 through the packed kernel."""
+    give the reference's results (through the packed kernel from 4 steps on, in either dtype)."""
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", block_steps)
     torch.manual_seed(4)
     T, B, I, H = 11, 4, 3, 5
@@ -120,19 +133,16 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
     h0 = torch.randn(2, B, proj or H, dtype=dtype, requires_grad=True)
     lengths = torch.tensor([11, 6, 0, 9])
     for lens in (None, lengths):
-        if dtype == torch.float32:
-            assert_float32_matches(mode, x, weights, h0, True, lens)
-            continue
-        (ours, our_grads), (ref, ref_grads) = run_both(mode, x, weights, h0, None, True, True, lens)
-        for a, b in zip(ours + our_grads, ref + ref_grads):
-            torch.testing.assert_close(a, b)
+        assert_matches(mode, x, weights, h0, True, lens)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 2, 3], ids=lambda n: f"threads{n}")
 @pytest.mark.parametrize("batch", [5, 24], ids=lambda b: f"B{b}")
-def test_threads_share_hidden_units(mode, threads, batch, monkeypatch):
-    """CPU float32 with H a multiple of 32: the threads run a direction's whole time loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_threads_share_hidden_units(mode, threads, batch, dtype, monkeypatch):
+    """CPU, H a multiple of the packed tile (32 floats, 16 doubles): the threads run a
+    direction's whole time loop
     together, each on its own tiles of hidden units, meeting at a barrier per step; backward
     they also share the columns of dx and of the weight gradients (packed products). Uneven
     shares (3 tiles of units, an input tile and a partial one), several blocks of steps,
@@ -142,9 +152,9 @@ def test_threads_share_hidden_units(mode, threads, batch, monkeypatch):
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")
     torch.manual_seed(8)
     T, B, I, H = 10, batch, 40, 96
-    x = torch.randn(T, B, I, requires_grad=True)
-    weights = layer_weights(mode, I, H, dtype=torch.float32)
-    h0 = torch.randn(1, B, H, requires_grad=True)
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    weights = layer_weights(mode, I, H, dtype=dtype)
+    h0 = torch.randn(1, B, H, dtype=dtype, requires_grad=True)
     # d loss / d output, stored [H, B, T]: every stride of the time-major view differs from 1
     grad_out = torch.randn(H, B, T).permute(2, 1, 0)
 
@@ -156,8 +166,8 @@ def test_threads_share_hidden_units(mode, threads, batch, monkeypatch):
     try:
         ragged = [10, 7, 7, 3, 1] if batch == 5 else [10] * 2 + [8] * 10 + [3] * 12
         for lengths in (None, torch.tensor(ragged)):
-            assert_float32_matches(mode, x, weights, h0, False, lengths)
-            assert_float32_matches(mode, x, weights, h0, False, lengths, permuted_loss)
+            assert_matches(mode, x, weights, h0, False, lengths)
+            assert_matches(mode, x, weights, h0, False, lengths, permuted_loss)
     finally:
         torch.set_num_threads(previous)
 
@@ -228,23 +238,24 @@ def test_float32_matches_reference(mode, device):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("split", ["units", "rows"])
 @pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
-def test_float32_packed_kernel(
-    mode, proj, batch, H, bidirectional, split, with_lengths, device, monkeypatch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_packed_kernel(
+    mode, proj, batch, H, bidirectional, split, with_lengths, dtype, device, monkeypatch
 ):
-    """float32 GEMMs with a weight operand run on the packed kernel (tiles of 32 columns,
-    blocks of 8 rows, chunks of at most 1024 rows): odd sizes with partial tiles and blocks,
-    more rows than a chunk, both directions, lengths. A unidirectional layer's steps are
-    shared among the threads either by chunks of 32 hidden units (GEMM columns and pointwise
-    pass together, H a multiple of 32) or by batch rows (every other row, each thread through
-    all steps of its rows); a bidirectional layer runs each direction on one thread."""
+    """GEMMs with a weight operand run on the packed kernel (tiles of 32 float or 16 double
+    columns, blocks of 8 rows, chunks of at most 1024 rows): odd sizes with partial tiles and
+    blocks, more rows than a chunk, both directions, lengths. A unidirectional layer's steps
+    are shared among the threads either by tiles of hidden units (GEMM columns and pointwise
+    pass together, H a multiple of the tile) or by batch rows (every other row, each thread
+    through all steps of its rows); a bidirectional layer runs each direction on one thread."""
     monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
     torch.manual_seed(6)
     T, I = 6, 20
-    x = torch.randn(T, batch, I, device=device, requires_grad=True)
+    x = torch.randn(T, batch, I, dtype=dtype, device=device, requires_grad=True)
     D = 2 if bidirectional else 1
-    weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=torch.float32, device=device)
+    weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=dtype, device=device)
     lengths = torch.randint(0, T + 1, (batch,)) if with_lengths else None
-    assert_float32_matches(mode, x, weights, None, bidirectional, lengths)
+    assert_matches(mode, x, weights, None, bidirectional, lengths)
 
 
 @pytest.mark.parametrize("mode", MODES)

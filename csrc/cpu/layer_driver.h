@@ -86,21 +86,19 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
     return compact ? z.compact_row(t, first) : (t - first) * z.batch;
   };
   const int64_t end = first + count;
-  if constexpr (std::is_same_v<T, float>) {
-    if (R.packed != nullptr) {
-      // steps grouped into chunks of about packed_chunk_rows rows, one thread hand-off each
-      for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
-        int64_t rows = 0;
-        while (t1 < end && rows < packed_chunk_rows(K)) rows += z.batch_sizes[t1++];
-        parallel_over_tiles(cols, rows * K * kPackedTile, [&](int64_t n0, int64_t n1) {
-          for (int64_t t = t0; t < t1; ++t) {
-            packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
-                        C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
-          }
-        });
-      }
-      return;
+  if (R.packed != nullptr) {
+    // steps grouped into chunks of about packed_chunk_rows rows, one thread hand-off each
+    for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
+      int64_t rows = 0;
+      while (t1 < end && rows < packed_chunk_rows(K)) rows += z.batch_sizes[t1++];
+      parallel_over_tiles<T>(cols, rows * K * kPackedTile<T>, [&](int64_t n0, int64_t n1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
+                      C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
+        }
+      });
     }
+    return;
   }
   for (int64_t t = first; t < end; ++t) {
     weight_gemm<T>(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
@@ -194,7 +192,8 @@ template <typename T>
 TeamPlan team_plan(const LayerDims<T>& p) {
   const bool packed = p.ih.packed != nullptr && p.hh.packed != nullptr;
   if (!packed || p.projected()) return {};
-  const TeamPlan units{p.hidden % kPackedTile == 0 ? p.hidden / kPackedTile : 1, false};
+  constexpr int64_t tile = kPackedTile<T>;
+  const TeamPlan units{p.hidden % tile == 0 ? p.hidden / tile : 1, false};
   const TeamPlan rows{std::max<int64_t>(1, p.batch / kMinTeamRows), true};
   if (const char* env = std::getenv("RNNEXT_CPU_TEAM_SPLIT")) {
     if (std::strcmp(env, "units") == 0) return units;
@@ -249,7 +248,7 @@ void forward_direction(const ForwardParams<T>& p) {
   const TeamPlan plan = team_plan(p);
   run_team(plan.slots, [&](const TeamMember& m) {
     const bool by_rows = plan.by_rows;
-    const Cols units = m.share(H, kPackedTile);  // the block GEMMs' share, either way
+    const Cols units = m.share(H, kPackedTile<T>);  // the block GEMMs' share, either way
     const Cols step_units = by_rows ? Cols{0, H} : units;
     int64_t block_first = 0, block_count = 0;
     for (int64_t s = 0; s < p.steps; ++s) {
@@ -266,7 +265,7 @@ void forward_direction(const ForwardParams<T>& p) {
                              T(0), p.xg, GH, /*c_compact=*/true, p.b_ih, cols);
         };
         if (by_rows) {
-          project(m.share(GH, kPackedTile));  // whole tiles of all G*H columns (any H)
+          project(m.share(GH, kPackedTile<T>));  // whole tiles of all G*H columns (any H)
           m.sync();
         } else {
           for_gate_cols(m, false, p.gates, H, units, project);
@@ -350,7 +349,7 @@ struct BackwardParams : LayerDims<T> {
   T* x_rows;  // [block_steps * B, I]
   T* h_rows;  // [block_steps * B, P]
   T* m_rows;  // [block_steps * B, H] (with a projection)
-  // float: the weight-gradient products' right operands, a block's rows of x and of the
+  // the weight-gradient products' right operands, a block's rows of x and of the
   // consumed state packed into column tiles (packed_gemm.h); null to use BLAS
   T* packed_x;         // [packed_ld(I) * block_steps * B]
   T* packed_h;         // [packed_ld(P) * block_steps * B]
@@ -407,7 +406,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
                           const TeamMember& m) {
   const int64_t B = p.batch, I = p.inputs, P = p.out, H = p.hidden, GH = p.gates * H;
   const int64_t rows = p.compact_rows(first, count);
-  const Cols in_cols = m.share(I, kPackedTile);
+  const Cols in_cols = m.share(I, kPackedTile<T>);
   if (p.grad_x != nullptr) {
     block_rows_gemm<T>(p, first, count, I, GH, p.dgx, GH, /*a_compact=*/true, p.ih, T(0),
                        p.grad_x + first * B * I, I, /*c_compact=*/false, nullptr, in_cols);
@@ -471,37 +470,35 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
     }
     m.sync();  // every member's steps gathered
   }
-  // grad[GH, N] += dg^T @ src, src [count, N] (row stride ld). Packed (float): the members pack
+  // grad[GH, N] += dg^T @ src, src [count, N] (row stride ld). Packed: the members pack
   // their shares of src's column tiles, then each multiplies its own rows of grad, its units'
   // rows of every gate, against all the tiles: the strips of dg it reads are the columns it
   // wrote itself, and each strip serves every tile.
-  const Cols units = m.share(H, kPackedTile);
+  const Cols units = m.share(H, kPackedTile<T>);
   auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, T* packed,
                          T* grad) {
     if (count == 0) return;
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed != nullptr) {
-        parallel_over_tiles(m.share(N, kPackedTile), count * kPackedTile,
-                            [&](int64_t n0, int64_t n1) {
-                              pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false, ld,
-                                                 packed + n0 * count);
-                            });
-        m.sync();  // every tile packed
-        const int64_t macs_per_row = N * count;
-        for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
-          const int64_t groups = (r.size() + 7) / 8;
-          at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
-                           [&](int64_t g0, int64_t g1) {
-                             const int64_t m0 = r.begin + g0 * 8;
-                             const int64_t m1 = std::min(r.end, r.begin + g1 * 8);
-                             packed_gemm_at(m1 - m0, N, count, dg + m0, GH, packed, 1.f,
-                                            grad + m0 * N, N, 0, N);
-                           });
-        });
-        return;
-      }
+    if (packed != nullptr) {
+      parallel_over_tiles<T>(m.share(N, kPackedTile<T>), count * kPackedTile<T>,
+                             [&](int64_t n0, int64_t n1) {
+                               pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false,
+                                                  ld, packed + n0 * count);
+                             });
+      m.sync();  // every tile packed
+      const int64_t macs_per_row = N * count;
+      for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
+        const int64_t groups = (r.size() + 7) / 8;
+        at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
+                         [&](int64_t g0, int64_t g1) {
+                           const int64_t m0 = r.begin + g0 * 8;
+                           const int64_t m1 = std::min(r.end, r.begin + g1 * 8);
+                           packed_gemm_at(m1 - m0, N, count, dg + m0, GH, packed, T(1),
+                                          grad + m0 * N, N, 0, N);
+                         });
+      });
+      return;
     }
-    const Cols cols = m.share(N, kPackedTile);
+    const Cols cols = m.share(N, kPackedTile<T>);
     gemm<T>(true, false, GH, cols.size(), count, T(1), dg, GH, src + cols.begin, ld, T(1),
             grad + cols.begin, N);
   };
@@ -542,8 +539,8 @@ void backward_direction(const BackwardParams<T>& p) {
   run_team(plan.slots, [&](const TeamMember& m) {
     const bool by_rows = plan.by_rows;
     // a step's share: by units, the member's units (a team has P == H); by rows, all of them
-    const Cols units = by_rows ? Cols{0, H} : m.share(H, kPackedTile);
-    const Cols state_cols = by_rows ? Cols{0, P} : m.share(P, kPackedTile);
+    const Cols units = by_rows ? Cols{0, H} : m.share(H, kPackedTile<T>);
+    const Cols state_cols = by_rows ? Cols{0, P} : m.share(P, kPackedTile<T>);
     int64_t block_first = 0, block_count = 0;
     for (int64_t s = p.steps - 1; s >= 0; --s) {
       const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);

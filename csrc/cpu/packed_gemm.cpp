@@ -11,60 +11,69 @@ namespace rnnext {
 namespace cpu {
 namespace {
 
-// GCC vector extensions: lowered to zmm, ymm or xmm registers by each target clone below.
-typedef float Vec16 __attribute__((vector_size(64)));
-typedef float Vec16Unaligned __attribute__((vector_size(64), aligned(4)));
+// GCC vector extensions of 64 bytes (16 floats or 8 doubles): lowered to zmm, ymm or xmm
+// registers by each target clone below.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  typedef T unaligned __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int64_t kLanes = 64 / sizeof(T);
+};
 
-inline Vec16 load16(const float* p) {
-  return *reinterpret_cast<const Vec16Unaligned*>(p);
+template <typename T>
+inline __attribute__((always_inline)) typename Vec<T>::type load(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::unaligned*>(p);
 }
 
-inline void store16(float* p, Vec16 v) {
-  *reinterpret_cast<Vec16Unaligned*>(p) = v;
+template <typename T>
+inline __attribute__((always_inline)) void store(T* p, typename Vec<T>::type v) {
+  *reinterpret_cast<typename Vec<T>::unaligned*>(p) = v;
 }
 
-// Rows [0, MB) of A times one column tile of R (32 columns, `valid` of them real). A is read
-// as A[i, k] = A[i * lda + k], or A[k * lda + i] when kTransA (A^T stored [K, M]).
-template <int MB, bool kTransA>
-inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64_t lda,
-                                                const float* R, int64_t ldr, float beta, float* C,
-                                                int64_t ldc, int64_t valid, const float* bias) {
-  Vec16 lo[MB], hi[MB];
-  for (int i = 0; i < MB; ++i) lo[i] = hi[i] = Vec16{};
+// Rows [0, MB) of A times one column tile of R (two vectors, `valid` columns of them real). A
+// is read as A[i, k] = A[i * lda + k], or A[k * lda + i] when kTransA (A^T stored [K, M]).
+template <int MB, bool kTransA, typename T>
+inline __attribute__((always_inline)) void tile(int64_t K, const T* A, int64_t lda, const T* R,
+                                                int64_t ldr, T beta, T* C, int64_t ldc,
+                                                int64_t valid, const T* bias) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  V lo[MB], hi[MB];
+  for (int i = 0; i < MB; ++i) lo[i] = hi[i] = V{};
   for (int64_t k = 0; k < K; ++k) {
-    const Vec16 r_lo = load16(R + k * ldr), r_hi = load16(R + k * ldr + 16);
+    const V r_lo = load(R + k * ldr), r_hi = load(R + k * ldr + L);
     for (int i = 0; i < MB; ++i) {
-      const float a = kTransA ? A[k * lda + i] : A[i * lda + k];
+      const T a = kTransA ? A[k * lda + i] : A[i * lda + k];
       lo[i] += a * r_lo;
       hi[i] += a * r_hi;
     }
   }
-  if (valid == kPackedTile) {
+  if (valid == kPackedTile<T>) {
     // a whole tile: vector stores (a partial one goes through a row on the stack below)
     for (int i = 0; i < MB; ++i) {
-      float* c = C + i * ldc;
+      T* c = C + i * ldc;
       if (bias != nullptr) {
-        lo[i] += load16(bias);
-        hi[i] += load16(bias + 16);
+        lo[i] += load(bias);
+        hi[i] += load(bias + L);
       }
-      if (beta != 0.f) {
-        lo[i] += beta * load16(c);
-        hi[i] += beta * load16(c + 16);
+      if (beta != T(0)) {
+        lo[i] += beta * load(c);
+        hi[i] += beta * load(c + L);
       }
-      store16(c, lo[i]);
-      store16(c + 16, hi[i]);
+      store(c, lo[i]);
+      store(c + L, hi[i]);
     }
     return;
   }
   for (int i = 0; i < MB; ++i) {
-    float row[kPackedTile];
+    T row[kPackedTile<T>];
     std::memcpy(row, &lo[i], sizeof lo[i]);
-    std::memcpy(row + 16, &hi[i], sizeof hi[i]);
+    std::memcpy(row + L, &hi[i], sizeof hi[i]);
     if (bias != nullptr) {
       for (int64_t j = 0; j < valid; ++j) row[j] += bias[j];
     }
-    float* c = C + i * ldc;
-    if (beta == 0.f) {
+    T* c = C + i * ldc;
+    if (beta == T(0)) {
       for (int64_t j = 0; j < valid; ++j) c[j] = row[j];
     } else {
       for (int64_t j = 0; j < valid; ++j) c[j] = beta * c[j] + row[j];
@@ -72,19 +81,22 @@ inline __attribute__((always_inline)) void tile(int64_t K, const float* A, int64
   }
 }
 
-// One tile of pack_right_operand: R's columns [n0, n0 + 32) as [K, 32] (zeros past N).
-RNNEXT_CPU_CLONES
-void pack_tile(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld, int64_t n0,
-               float* tile) {
-  const int64_t width = std::min(kPackedTile, N - n0);
+// One tile of pack_right_operand: R's columns [n0, n0 + kPackedTile) as [K, kPackedTile]
+// (zeros past N).
+template <typename T>
+inline __attribute__((always_inline)) void pack_tile(const T* src, int64_t K, int64_t N,
+                                                     bool transposed, int64_t ld, int64_t n0,
+                                                     T* tile) {
+  constexpr int64_t kTile = kPackedTile<T>;
+  const int64_t width = std::min(kTile, N - n0);
   if (!transposed) {  // R's rows are src's: a copy of each row's slice
     for (int64_t k = 0; k < K; ++k) {
-      float* row = tile + k * kPackedTile;
-      if (width == kPackedTile) {
-        std::memcpy(row, src + k * ld + n0, sizeof(float) * kPackedTile);  // inlined, fixed size
+      T* row = tile + k * kTile;
+      if (width == kTile) {
+        std::memcpy(row, src + k * ld + n0, sizeof(T) * kTile);  // inlined, fixed size
       } else {
         std::copy_n(src + k * ld + n0, width, row);
-        std::fill(row + width, row + kPackedTile, 0.f);
+        std::fill(row + width, row + kTile, T(0));
       }
     }
     return;
@@ -92,63 +104,75 @@ void pack_tile(const float* src, int64_t K, int64_t N, bool transposed, int64_t 
   // R = src^T: a block of kBlock steps of k at a time. Each of the tile's source rows is read
   // a whole cache line at once: read element by element, rows `ld` apart (4 KB for 1024
   // floats) fall into the same few sets of the L1 cache and evict each other.
-  constexpr int64_t kBlock = 16;
-  float block[kPackedTile][kBlock];
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  T block[kTile][kBlock];
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t depth = std::min(kBlock, K - k0);
-    for (int64_t n = 0; n < kPackedTile; ++n) {
+    for (int64_t n = 0; n < kTile; ++n) {
       if (n < width && depth == kBlock) {
         // a fixed-size copy the compiler inlines (with a variable size, a call to memmove)
         std::memcpy(block[n], src + (n0 + n) * ld + k0, sizeof block[n]);
       } else if (n < width) {
         std::copy_n(src + (n0 + n) * ld + k0, depth, block[n]);
       } else {
-        std::fill_n(block[n], depth, 0.f);
+        std::fill_n(block[n], depth, T(0));
       }
     }
     for (int64_t k = 0; k < depth; ++k) {
-      float* row = tile + (k0 + k) * kPackedTile;
-      for (int64_t n = 0; n < kPackedTile; ++n) row[n] = block[n][k];
+      T* row = tile + (k0 + k) * kTile;
+      for (int64_t n = 0; n < kTile; ++n) row[n] = block[n][k];
     }
   }
 }
 
-}  // namespace
+RNNEXT_CPU_CLONES
+void pack_tile_clone(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                     int64_t n0, float* tile) {
+  pack_tile(src, K, N, transposed, ld, n0, tile);
+}
 
-void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
-                        float* dst) {
-  // tile by tile: [K, 32] each, contiguous, so that a tile streams through the cache in order;
-  // tiles of about 64K values or more per thread (inside a parallel region, this one thread)
-  const int64_t tiles = (N + kPackedTile - 1) / kPackedTile;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kPackedTile));
+RNNEXT_CPU_CLONES
+void pack_tile_clone(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                     int64_t n0, double* tile) {
+  pack_tile(src, K, N, transposed, ld, n0, tile);
+}
+
+template <typename T>
+void pack_tiles(const T* src, int64_t K, int64_t N, bool transposed, int64_t ld, T* dst) {
+  // tile by tile: [K, kPackedTile] each, contiguous, so that a tile streams through the cache
+  // in order; tiles of about 64K values or more per thread (inside a parallel region, this
+  // one thread)
+  constexpr int64_t kTile = kPackedTile<T>;
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kTile));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      pack_tile(src, K, N, transposed, ld, t * kPackedTile, dst + t * kPackedTile * K);
+      pack_tile_clone(src, K, N, transposed, ld, t * kTile, dst + t * kTile * K);
     }
   });
 }
 
-namespace {
-
 // Rows [0, rows) of C, tile by tile over [n_begin, n_end): 8 rows of accumulators at a time,
 // then the rest of the rows. The tiles of R hold k_tile rows each, of which the first K are
 // used.
-template <bool kTransA>
-inline __attribute__((always_inline)) void rows_times_tiles(
-    int64_t rows, int64_t N, int64_t K, const float* A, int64_t lda, const float* R, int64_t k_tile,
-    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end, const float* bias) {
-  const int64_t ldr = kPackedTile;
+template <bool kTransA, typename T>
+inline __attribute__((always_inline)) void rows_times_tiles(int64_t rows, int64_t N, int64_t K,
+                                                            const T* A, int64_t lda, const T* R,
+                                                            int64_t k_tile, T beta, T* C,
+                                                            int64_t ldc, int64_t n_begin,
+                                                            int64_t n_end, const T* bias) {
+  constexpr int64_t ldr = kPackedTile<T>;
   // the start of row m of A
   auto a_row = [&](int64_t m) { return kTransA ? A + m : A + m * lda; };
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPackedTile) {
-    const int64_t valid = std::min(kPackedTile, N - n0);
-    const float* r = R + n0 * k_tile;
-    const float* b = bias != nullptr ? bias + n0 : nullptr;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += ldr) {
+    const int64_t valid = std::min(ldr, N - n0);
+    const T* r = R + n0 * k_tile;
+    const T* b = bias != nullptr ? bias + n0 : nullptr;
     int64_t m = 0;
     for (; m + 8 <= rows; m += 8)
       tile<8, kTransA>(K, a_row(m), lda, r, ldr, beta, C + m * ldc + n0, ldc, valid, b);
-    const float* a = a_row(m);
-    float* c = C + m * ldc + n0;
+    const T* a = a_row(m);
+    T* c = C + m * ldc + n0;
     switch (rows - m) {
       case 1: tile<1, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
       case 2: tile<2, kTransA>(K, a, lda, r, ldr, beta, c, ldc, valid, b); break;
@@ -162,54 +186,76 @@ inline __attribute__((always_inline)) void rows_times_tiles(
   }
 }
 
-}  // namespace
-
-RNNEXT_CPU_CLONES
-void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const float* bias) {
-  // tiles outer: the few rows of A stay in cache while the tiles of R stream past
-  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
-}
-
-RNNEXT_CPU_CLONES
-void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
+template <typename T>
+inline __attribute__((always_inline)) void gemm_at(int64_t M, int64_t N, int64_t K, const T* A,
+                                                   int64_t lda, const T* R, T beta, T* C,
+                                                   int64_t ldc, int64_t n_begin, int64_t n_end) {
   // Groups of 8 rows of C outer: A (a block's gate gradients) is the large operand here, and
   // each 8-column strip of it is read once from memory, copied to contiguous rows (its rows
   // lda apart would crowd a few sets of the L1 cache) in chunks of kStripRows rows (a fixed
-  // buffer on the stack: nothing here allocates, so nothing can throw inside a team), while
-  // the caller's tiles of R (its packed inputs) stay in cache.
-  constexpr int64_t kStripRows = 2048;
-  float strip[kStripRows * 8];
+  // 64 KB buffer on the stack: nothing here allocates, so nothing can throw inside a team),
+  // while the caller's tiles of R (its packed inputs) stay in cache.
+  constexpr int64_t kStripRows = 8192 / sizeof(T);
+  T strip[kStripRows * 8];
   for (int64_t m = 0; m < M; m += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m);
     for (int64_t k0 = 0; k0 < K; k0 += kStripRows) {
       const int64_t kc = std::min(kStripRows, K - k0);
-      const float* a = A + k0 * lda + m;
+      const T* a = A + k0 * lda + m;
       if (rows == 8) {
         // a fixed-size copy the compiler inlines; with `rows` variable, GCC made each row's
         // 32 bytes a call to memmove, about an eighth of this function's time
-        for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * 8, a + k * lda, 8 * sizeof(float));
+        for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * 8, a + k * lda, 8 * sizeof(T));
       } else {
         for (int64_t k = 0; k < kc; ++k) {
           for (int64_t i = 0; i < rows; ++i) strip[k * rows + i] = a[k * lda + i];
         }
       }
       // the chunk's rows of each tile of R start k0 rows into the tile
-      rows_times_tiles<true>(rows, N, kc, strip, rows, R + k0 * kPackedTile, K,
-                             k0 == 0 ? beta : 1.f, C + m * ldc, ldc, n_begin, n_end, nullptr);
+      rows_times_tiles<true>(rows, N, kc, strip, rows, R + k0 * kPackedTile<T>, K,
+                             k0 == 0 ? beta : T(1), C + m * ldc, ldc, n_begin, n_end,
+                             static_cast<const T*>(nullptr));
     }
   }
 }
 
-void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* R, float beta, float* C, int64_t ldc, const float* bias,
-                          Cols cols) {
-  if (M == 0 || cols.size() <= 0) return;
-  parallel_over_tiles(cols, M * K * kPackedTile, [&](int64_t n0, int64_t n1) {
-    packed_gemm(M, N, K, A, lda, R, beta, C, ldc, n0, n1, bias);
-  });
+}  // namespace
+
+void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        float* dst) {
+  pack_tiles(src, K, N, transposed, ld, dst);
+}
+
+void pack_right_operand(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        double* dst) {
+  pack_tiles(src, K, N, transposed, ld, dst);
+}
+
+// (tiles outer: the few rows of A stay in cache while the tiles of R stream past)
+RNNEXT_CPU_CLONES
+void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
+                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const float* bias) {
+  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_CPU_CLONES
+void packed_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
+                 double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const double* bias) {
+  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_CPU_CLONES
+void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
+                    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
+  gemm_at(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end);
+}
+
+RNNEXT_CPU_CLONES
+void packed_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
+                    double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
+  gemm_at(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end);
 }
 
 }  // namespace cpu

@@ -1,16 +1,15 @@
 // The GEMMs whose right-hand operand is a weight, C[M, N] = A[M, K] @ R (+ beta C), R the same
-// at every step of a call. In float, R is packed once per call into column tiles and
-// multiplied by a register-blocked kernel (8 rows x 32 columns of accumulators) that keeps
-// each tile of R in cache across the rows: measured here at 109-116 GFLOP/s on one thread,
-// where MKL's sgemm reached 75-101, and well ahead of a BLAS call for the few rows of a time
-// step. Other types go to BLAS.
+// at every step of a call. R is packed once per call into column tiles and multiplied by a
+// register-blocked kernel (8 rows x 2 vectors of accumulators: 32 floats or 16 doubles per
+// row) that keeps each tile of R in cache across the rows: in float measured here at 109-116
+// GFLOP/s on one thread, where MKL's sgemm reached 75-101, and well ahead of a BLAS call for
+// the few rows of a time step. float and double; a null packed operand goes to BLAS.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "blas.h"
 #include "team.h"
@@ -18,54 +17,70 @@
 namespace rnnext {
 namespace cpu {
 
-constexpr int64_t kPackedTile = 32;  // columns per tile of a packed operand
+// Columns per tile of a packed operand: two 64-byte vectors, 32 floats or 16 doubles.
+template <typename T>
+inline constexpr int64_t kPackedTile = 128 / sizeof(T);
+template <typename T>
 inline int64_t packed_ld(int64_t n) {
-  return (n + kPackedTile - 1) / kPackedTile * kPackedTile;
+  return (n + kPackedTile<T> - 1) / kPackedTile<T> * kPackedTile<T>;
 }
 
-// dst = R packed: packed_ld(N) / 32 tiles one after the other, each R's [K, 32] block of
-// columns, contiguous and zero padded past N. R [K, N] is src^T for src [N, K] (transposed =
-// true) or src itself, [K, N]; src's rows are `ld` apart.
+// dst = R packed: packed_ld(N) / kPackedTile tiles one after the other, each R's
+// [K, kPackedTile] block of columns, contiguous and zero padded past N. R [K, N] is src^T for
+// src [N, K] (transposed = true) or src itself, [K, N]; src's rows are `ld` apart.
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                         float* dst);
+void pack_right_operand(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        double* dst);
 
 // C[M, N] = A[M, K] @ R + beta C (+ bias [N] on every row, unless null) for the columns
 // [n_begin, n_end) (n_begin a multiple of the tile; n_end one too, or N).
 void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
                  float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
                  const float* bias = nullptr);
+void packed_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
+                 double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const double* bias = nullptr);
 
 // The right-hand weight operand of a GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
-// `transposed`; `packed` its packed copy (float only; null to use BLAS).
+// `transposed`; `packed` its packed copy (null to use BLAS).
 template <typename T>
 struct RightOperand {
   const T* data = nullptr;
   bool transposed = false;
-  const float* packed = nullptr;
+  const T* packed = nullptr;
 };
 
 // C[M, N] = A^T @ R + beta C for the columns [n_begin, n_end), A^T stored as [K, M] with row
 // stride lda: the weight-gradient form dW = dG^T X, with R the packed rows of X.
 void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
                     float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end);
+void packed_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
+                    double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end);
 
-// Calls tiles(n_begin, n_end) over ranges of the column tiles of the columns `cols` (begin a
-// multiple of the tile), split among threads; macs_per_tile (the multiply-adds of one tile)
-// decides how many threads pay.
-template <typename F>
+// Calls tiles(n_begin, n_end) over ranges of the column tiles (of T) of the columns `cols`
+// (begin a multiple of the tile), split among threads; macs_per_tile (the multiply-adds of
+// one tile) decides how many threads pay.
+template <typename T, typename F>
 void parallel_over_tiles(Cols cols, int64_t macs_per_tile, const F& tiles) {
-  const int64_t count = (cols.size() + kPackedTile - 1) / kPackedTile;
+  constexpr int64_t tile = kPackedTile<T>;
+  const int64_t count = (cols.size() + tile - 1) / tile;
   // at least ~64K multiply-adds per thread, or the hand-off costs more than it saves
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_tile));
   at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
-    tiles(cols.begin + t0 * kPackedTile, std::min(cols.end, cols.begin + t1 * kPackedTile));
+    tiles(cols.begin + t0 * tile, std::min(cols.end, cols.begin + t1 * tile));
   });
 }
 
 // packed_gemm over the columns `cols`, split among threads.
-void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* R, float beta, float* C, int64_t ldc, const float* bias,
-                          Cols cols);
+template <typename T>
+void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* R,
+                          T beta, T* C, int64_t ldc, const T* bias, Cols cols) {
+  if (M == 0 || cols.size() <= 0) return;
+  parallel_over_tiles<T>(cols, M * K * kPackedTile<T>, [&](int64_t n0, int64_t n1) {
+    packed_gemm(M, N, K, A, lda, R, beta, C, ldc, n0, n1, bias);
+  });
+}
 
 // Adds bias [N] to every row of rows [M, N] (row stride ld).
 template <typename T>
@@ -80,8 +95,8 @@ void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
                    });
 }
 
-// Rows of A per chunk of a packed product: about 512 KB of A, which stays in cache while the
-// tiles of R stream past it.
+// Rows of A per chunk of a packed product: about 512 KB of A (in float), which stays in cache
+// while the tiles of R stream past it.
 inline int64_t packed_chunk_rows(int64_t K) {
   return std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
 }
@@ -94,15 +109,13 @@ void weight_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
                  T beta, T* C, int64_t ldc, const T* bias = nullptr, Cols cols = {0, -1}) {
   if (cols.end < 0) cols = {0, N};
   if (M == 0 || cols.size() <= 0) return;
-  if constexpr (std::is_same_v<T, float>) {
-    if (R.packed != nullptr) {
-      const int64_t chunk = packed_chunk_rows(K);
-      for (int64_t r0 = 0; r0 < M; r0 += chunk) {
-        parallel_packed_gemm(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
-                             C + r0 * ldc, ldc, bias, cols);
-      }
-      return;
+  if (R.packed != nullptr) {
+    const int64_t chunk = packed_chunk_rows(K);
+    for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+      parallel_packed_gemm<T>(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
+                              C + r0 * ldc, ldc, bias, cols);
     }
+    return;
   }
   const int64_t n0 = cols.begin, width = cols.size();
   const T* r = R.transposed ? R.data + n0 * K : R.data + n0;
