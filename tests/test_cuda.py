@@ -150,13 +150,17 @@ def test_repeated_calls_replay_a_graph(mode, bidirectional, monkeypatch):
     assert count["graph_launches"] >= 10
 
 
+@pytest.mark.parametrize("block_steps", [None, "3"], ids=["one_block", "blocks"])
 @pytest.mark.parametrize("graphs", ["0", "1"])
 @pytest.mark.parametrize("mode", MODES)
-def test_directions_on_two_streams_match_one_stream(mode, graphs, monkeypatch):
-    """The two directions of a bidirectional layer, run at once on two streams (eagerly and
-    replayed), give bitwise the results of running them one after the other on one stream:
-    outputs, states and every gradient, with lengths and a projection for the LSTM."""
+def test_directions_on_two_streams_match_one_stream(mode, graphs, block_steps, monkeypatch):
+    """The two directions of a bidirectional layer, run at once on two streams (eagerly and,
+    with graphs, captured and replayed), give bitwise the results of running them one after
+    the other on one stream: outputs, states and every gradient, with lengths, a projection
+    for the LSTM, and in one block of steps or several."""
     torch.manual_seed(6)
+    if block_steps is not None:
+        monkeypatch.setenv("RNNEXT_CUDA_BLOCK_STEPS", block_steps)
     proj = {"proj_size": 6} if mode == "LSTM" else {}
     _, ours = module_pair(
         mode, 8, 16, dtype=torch.float32, device="cuda", bidirectional=True, **proj
@@ -176,9 +180,19 @@ def test_directions_on_two_streams_match_one_stream(mode, graphs, monkeypatch):
     monkeypatch.setenv("RNNEXT_CUDA_PARALLEL_DIRECTIONS", "0")
     one_stream = call()
     monkeypatch.setenv("RNNEXT_CUDA_PARALLEL_DIRECTIONS", "1")
-    for _ in range(3):  # with graphs: eager, captured, replayed
+    before = rnnext.functional.cuda_graph_stats()
+    for _ in range(6):
+        # compared and dropped inside the loop body, so that the caching allocator hands the
+        # next call the same blocks and, with graphs, the calls capture and replay
         for want, got in zip(one_stream, call()):
             assert torch.equal(want, got)
+        del want, got
+    after = rnnext.functional.cuda_graph_stats()
+    if graphs == "1":
+        count = {name: after[name] - before[name] for name in after}
+        assert count["failed_captures"] == 0
+        assert count["captures"] >= 2  # the forward and the backward, two streams each
+        assert count["graph_launches"] >= 4
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

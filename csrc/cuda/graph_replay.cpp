@@ -60,11 +60,42 @@ struct CaptureTarget {
   std::vector<c10::DataPtr> retired;  // workspaces of an earlier size that older graphs use
 };
 
-// Events of one host thread for forking and joining eager lanes on a device. Per thread:
-// another thread's record between this one's record and wait would redirect the wait.
-struct EagerForks {
+// Where one host thread runs the eager lanes past the first on a device: a stream of
+// rnnext's own (not one of torch's pool, which other work and other threads' captures share;
+// one stream, so torch keeps one cuBLAS workspace for it) and the events that fork it from
+// the caller's stream and join it back. Per thread: another thread's record between this
+// one's record and wait would redirect the wait. Kept for the thread's life.
+struct EagerSide {
+  cudaStream_t stream = nullptr;
   cudaEvent_t fork = nullptr;
-  std::vector<cudaEvent_t> done;
+  cudaEvent_t done = nullptr;
+};
+
+// Makes `stream` wait for the work queued on `side` so far, at the end of a scope, whether
+// it ends normally or by an exception: the call's buffers go back to the caching allocator on
+// `stream` and must not be handed out while the side stream may still use them.
+class JoinAtExit {
+ public:
+  JoinAtExit(cudaStream_t stream, cudaStream_t side, cudaEvent_t done)
+      : stream_(stream), side_(side), done_(done) {}
+  JoinAtExit(const JoinAtExit&) = delete;
+  JoinAtExit& operator=(const JoinAtExit&) = delete;
+  // The normal exit, with its errors reported.
+  void join() {
+    joined_ = true;
+    check_cuda(cudaEventRecord(done_, side_), "event record");
+    check_cuda(cudaStreamWaitEvent(stream_, done_, 0), "stream wait");
+  }
+  ~JoinAtExit() {
+    if (joined_) return;
+    // unwinding from an error: join anyway; a failure here leaves that error pending
+    if (cudaEventRecord(done_, side_) == cudaSuccess) cudaStreamWaitEvent(stream_, done_, 0);
+  }
+
+ private:
+  cudaStream_t stream_, side_;
+  cudaEvent_t done_;
+  bool joined_ = false;
 };
 
 cudaEvent_t new_event() {
@@ -96,10 +127,10 @@ bool enabled(const char* variable) {
   return env == nullptr || std::string(env) != "0";
 }
 
-// Queues the lanes without a graph: forked onto streams from torch's pool and joined back
-// into `stream` when `parallel`, else one after the other on `stream`. torch's cuBLAS handle
-// is bound to each lane's stream in turn (with that stream's workspace, so lanes running
-// together never share one).
+// Queues the lanes without a graph: the first on `stream`, the others one after the other on
+// the thread's side stream, forked from `stream` and joined back into it, when `parallel`;
+// else all on `stream`. torch's cuBLAS handle is bound to each lane's stream in turn (with
+// that stream's workspace, so lanes running together never share one).
 void enqueue_eagerly(cudaStream_t stream, cublasHandle_t blas, const std::vector<Lane>& lanes,
                      bool parallel) {
   if (!parallel || lanes.size() == 1) {
@@ -107,23 +138,26 @@ void enqueue_eagerly(cudaStream_t stream, cublasHandle_t blas, const std::vector
     return;
   }
   const c10::DeviceIndex device = c10::cuda::current_device();
-  thread_local std::map<c10::DeviceIndex, EagerForks> forks_by_device;
-  EagerForks& forks = forks_by_device[device];
-  if (forks.fork == nullptr) forks.fork = new_event();
-  while (forks.done.size() < lanes.size() - 1) forks.done.push_back(new_event());
-  check_cuda(cudaEventRecord(forks.fork, stream), "event record");
-  for (size_t k = 1; k < lanes.size(); ++k) {
-    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device);
-    check_cuda(cudaStreamWaitEvent(side.stream(), forks.fork, 0), "stream wait");
-    const c10::cuda::CUDAStreamGuard on_side(side);
-    lanes[k](side.stream(), at::cuda::getCurrentCUDABlasHandle());
-    check_cuda(cudaEventRecord(forks.done[k - 1], side.stream()), "event record");
+  thread_local std::map<c10::DeviceIndex, EagerSide> sides;
+  EagerSide& side = sides[device];
+  if (side.stream == nullptr) {
+    EagerSide made;
+    made.fork = new_event();
+    made.done = new_event();
+    check_cuda(cudaStreamCreateWithFlags(&made.stream, cudaStreamNonBlocking), "stream creation");
+    side = made;
+  }
+  check_cuda(cudaEventRecord(side.fork, stream), "event record");
+  check_cuda(cudaStreamWaitEvent(side.stream, side.fork, 0), "stream wait");
+  JoinAtExit join(stream, side.stream, side.done);
+  {
+    const c10::cuda::CUDAStreamGuard on_side(c10::cuda::getStreamFromExternal(side.stream, device));
+    const cublasHandle_t side_blas = at::cuda::getCurrentCUDABlasHandle();
+    for (size_t k = 1; k < lanes.size(); ++k) lanes[k](side.stream, side_blas);
   }
   // (getCurrentCUDABlasHandle binds the handle back to the caller's stream)
   lanes[0](stream, at::cuda::getCurrentCUDABlasHandle());
-  for (size_t k = 1; k < lanes.size(); ++k) {
-    check_cuda(cudaStreamWaitEvent(stream, forks.done[k - 1], 0), "stream wait");
-  }
+  join.join();
 }
 
 // The target for a launch stream with at least `lane_count` lanes, set up on first use: its
@@ -207,21 +241,19 @@ cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublas
   cudaGraph_t graph = nullptr;
   bool failed = false;
   std::string failure;
+  size_t forked = 0;  // lanes past the first whose stream joined the capture
   try {
     if (parallel && lanes.size() > 1) {
       check_cuda(cudaEventRecord(target.fork, main.stream), "event record");
       for (size_t k = 1; k < lanes.size(); ++k) {
         const CaptureLane& side = target.lanes[k];
         check_cuda(cudaStreamWaitEvent(side.stream, target.fork, 0), "stream wait");
+        forked = k;
         bind(blas, side, target.workspace_size);
         lanes[k](side.stream, blas);
-        check_cuda(cudaEventRecord(side.done, side.stream), "event record");
       }
       bind(blas, main, target.workspace_size);
       lanes[0](main.stream, blas);
-      for (size_t k = 1; k < lanes.size(); ++k) {
-        check_cuda(cudaStreamWaitEvent(main.stream, target.lanes[k].done, 0), "stream wait");
-      }
     } else {
       bind(blas, main, target.workspace_size);
       for (const Lane& lane : lanes) lane(main.stream, blas);
@@ -229,6 +261,16 @@ cudaGraphExec_t capture(const CaptureTarget& target, cublasHandle_t blas, cublas
   } catch (const std::exception& e) {
     failed = true;
     failure = e.what();
+  }
+  // join every forked lane, also after a failure, so that each side stream leaves the capture
+  // with it
+  for (size_t k = 1; k <= forked; ++k) {
+    const CaptureLane& side = target.lanes[k];
+    if (cudaEventRecord(side.done, side.stream) != cudaSuccess ||
+        cudaStreamWaitEvent(main.stream, side.done, 0) != cudaSuccess) {
+      failed = true;
+      if (failure.empty()) failure = "joining a forked lane";
+    }
   }
   cudaError_t status = cudaStreamEndCapture(main.stream, &graph);
   cudaGraphExec_t exec = nullptr;
@@ -309,7 +351,8 @@ void enqueue_replayable(const std::function<std::vector<int64_t>()>& make_key, i
     bool too_many_streams = false;
     cublasHandle_t capture_blas = nullptr;
     try {
-      const CaptureTarget* target = target_for(c, device, stream, lanes.size(), capture_blas);
+      const CaptureTarget* target =
+          target_for(c, device, stream, parallel ? lanes.size() : 1, capture_blas);
       too_many_streams = target == nullptr;
       if (target != nullptr) {
         entry->graph = capture(*target, capture_blas, math, lanes, parallel);
