@@ -60,15 +60,82 @@ struct CaptureTarget {
   std::vector<c10::DataPtr> retired;  // workspaces of an earlier size that older graphs use
 };
 
-// Where one host thread runs the eager lanes past the first on a device: a stream of
-// rnnext's own (not one of torch's pool, which other work and other threads' captures share;
-// one stream, so torch keeps one cuBLAS workspace for it) and the events that fork it from
-// the caller's stream and join it back. Per thread: another thread's record between this
-// one's record and wait would redirect the wait. Kept for the thread's life.
+cudaEvent_t new_event() {
+  cudaEvent_t event = nullptr;
+  check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "event creation");
+  return event;
+}
+
+// Where an eager call runs its lanes past the first on a device: a stream of rnnext's own
+// (not one of torch's pool, which user streams and other threads' captures share) and the
+// events that fork it from the caller's stream and join it back. A call leases one for its
+// duration (SideLease): another call's record between this one's record and wait would
+// redirect the wait. Leased sides go back to a free list and are never destroyed, so their
+// number (and torch's cuBLAS workspace for each stream) is bounded by the most calls ever
+// running at once, whatever threads come and go. Reusing a side is safe: a wait refers to
+// the work its event had recorded when the wait was queued. Calls from one thread on
+// different streams may lease the same side one after the other, which orders the second
+// after the first's side work.
 struct EagerSide {
   cudaStream_t stream = nullptr;
   cudaEvent_t fork = nullptr;
   cudaEvent_t done = nullptr;
+};
+
+struct SidePool {
+  std::mutex mutex;
+  std::map<c10::DeviceIndex, std::vector<EagerSide>> free;
+};
+
+// Never destroyed, like the graph cache.
+SidePool& side_pool() {
+  static SidePool* instance = new SidePool();
+  return *instance;
+}
+
+// A new side on the current device; nothing leaks when a creation fails.
+EagerSide new_side() {
+  EagerSide side;
+  try {
+    side.fork = new_event();
+    side.done = new_event();
+    check_cuda(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking), "stream creation");
+  } catch (...) {
+    if (side.fork != nullptr) cudaEventDestroy(side.fork);
+    if (side.done != nullptr) cudaEventDestroy(side.done);
+    throw;
+  }
+  return side;
+}
+
+// A side leased for one call, back to the free list at the end of the scope.
+class SideLease {
+ public:
+  explicit SideLease(c10::DeviceIndex device) : device_(device) {
+    {
+      SidePool& pool = side_pool();
+      const std::lock_guard<std::mutex> lock(pool.mutex);
+      std::vector<EagerSide>& free = pool.free[device];
+      if (!free.empty()) {
+        side_ = free.back();
+        free.pop_back();
+        return;
+      }
+    }
+    side_ = new_side();
+  }
+  SideLease(const SideLease&) = delete;
+  SideLease& operator=(const SideLease&) = delete;
+  ~SideLease() {
+    SidePool& pool = side_pool();
+    const std::lock_guard<std::mutex> lock(pool.mutex);
+    pool.free[device_].push_back(side_);
+  }
+  const EagerSide& operator*() const { return side_; }
+
+ private:
+  c10::DeviceIndex device_;
+  EagerSide side_;
 };
 
 // Makes `stream` wait for the work queued on `side` so far, at the end of a scope, whether
@@ -98,12 +165,6 @@ class JoinAtExit {
   bool joined_ = false;
 };
 
-cudaEvent_t new_event() {
-  cudaEvent_t event = nullptr;
-  check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "event creation");
-  return event;
-}
-
 // Process-wide counters, for tests and diagnosis (rnnext.functional.cuda_graph_stats).
 enum Counter { kFirstSightings, kCaptures, kFailedCaptures, kGraphLaunches, kCounters };
 
@@ -128,7 +189,7 @@ bool enabled(const char* variable) {
 }
 
 // Queues the lanes without a graph: the first on `stream`, the others one after the other on
-// the thread's side stream, forked from `stream` and joined back into it, when `parallel`;
+// a leased side stream, forked from `stream` and joined back into it, when `parallel`;
 // else all on `stream`. torch's cuBLAS handle is bound to each lane's stream in turn (with
 // that stream's workspace, so lanes running together never share one).
 void enqueue_eagerly(cudaStream_t stream, cublasHandle_t blas, const std::vector<Lane>& lanes,
@@ -138,15 +199,8 @@ void enqueue_eagerly(cudaStream_t stream, cublasHandle_t blas, const std::vector
     return;
   }
   const c10::DeviceIndex device = c10::cuda::current_device();
-  thread_local std::map<c10::DeviceIndex, EagerSide> sides;
-  EagerSide& side = sides[device];
-  if (side.stream == nullptr) {
-    EagerSide made;
-    made.fork = new_event();
-    made.done = new_event();
-    check_cuda(cudaStreamCreateWithFlags(&made.stream, cudaStreamNonBlocking), "stream creation");
-    side = made;
-  }
+  const SideLease lease(device);
+  const EagerSide& side = *lease;
   check_cuda(cudaEventRecord(side.fork, stream), "event record");
   check_cuda(cudaStreamWaitEvent(side.stream, side.fork, 0), "stream wait");
   JoinAtExit join(stream, side.stream, side.done);
