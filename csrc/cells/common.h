@@ -21,17 +21,20 @@ namespace rnnext {
 namespace cells {
 
 #if !defined(__CUDA_ARCH__)
+// The bits of a value as another type of the same size.
+template <typename To, typename From>
+RNNEXT_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
 namespace host_float {
 
 // float exp, tanh and sigmoid for the CPU as branch-free polynomials (Cody-Waite reduction,
 // Cephes coefficients), within about 1 ulp of the exact value (relative error under 1.4e-7 on
 // [-20, 20]). Unlike libm's calls, the compiler vectorises them inside the pointwise loops.
-RNNEXT_HD float from_bits(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 RNNEXT_HD float exp(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);                     // keeps 2^n a normal float
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
@@ -43,7 +46,7 @@ RNNEXT_HD float exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.f;
-  return p * from_bits((static_cast<int32_t>(n) + 127) << 23);
+  return p * bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 RNNEXT_HD float tanh(float x) {
@@ -67,18 +70,6 @@ namespace host_double {
 // vectorise in double too (libm's calls took a third of a float64 GRU forward). Measured
 // against libm over 4 million points in [-700, 700]: exp within 1 ulp, tanh within 4 ulp,
 // sigmoid within 3 ulp.
-RNNEXT_HD double from_bits(int64_t bits) {
-  double d;
-  std::memcpy(&d, &bits, sizeof d);
-  return d;
-}
-
-RNNEXT_HD int64_t to_bits(double d) {
-  int64_t bits;
-  std::memcpy(&bits, &d, sizeof bits);
-  return bits;
-}
-
 // e^r - 1 for |r| <= ln 2 / 2: Taylor's terms to r^13 (the rest under 5e-18).
 RNNEXT_HD double expm1_reduced(double r) {
   double p = 1.0 / 6227020800.0;  // 1 / 13!
@@ -103,7 +94,7 @@ RNNEXT_HD double reduce(double x, double& scale) {
   const double shifted = x * 1.4426950408889634074 + kShift;
   const double n = shifted - kShift;
   const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-  scale = from_bits((to_bits(shifted) - to_bits(kShift) + 1023) << 52);
+  scale = bit_cast<double>((bit_cast<int64_t>(shifted) - bit_cast<int64_t>(kShift) + 1023) << 52);
   return expm1_reduced(r);
 }
 

@@ -7,6 +7,12 @@
 
 #include "target_clones.h"
 
+// The 64-byte vector helpers below are always inlined into their callers, so no call passes
+// a vector across the ABI boundary GCC warns about for builds without AVX-512.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace rnnext {
 namespace cpu {
 namespace {
