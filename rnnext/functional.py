@@ -81,7 +81,8 @@ def recurrent_layer(
     order = None
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
-        order = torch.argsort(lengths, descending=True, stable=True)
+        order = longest_first_order(lengths)
+    if order is not None:
         lengths = lengths.index_select(0, order)
         input, hx, cx = select_batch([input, hx, cx], order.to(input.device))
     tensors = (input, hx, cx, *weights)
@@ -109,6 +110,19 @@ def recurrent_layer(
     if order is not None:
         output, h_n, c_n = select_batch([output, h_n, c_n], torch.argsort(order).to(input.device))
     return output, h_n, c_n
+
+
+def longest_first_order(lengths: Tensor) -> Tensor | None:
+    """The stable order that sorts ``lengths`` longest first, or None where they already are
+    (a batch bucketed or sorted by length then skips the two reorderings of the batch, each a
+    copy of the input or the output and of its gradient)."""
+    # Only eager calls on real CPU lengths look at the values: a trace or a compiled graph
+    # must not bake in one batch's answer, and reading GPU lengths would wait for the GPU.
+    eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    if eager and type(lengths) is Tensor and lengths.device.type == "cpu":
+        if lengths.numel() < 2 or bool((lengths[:-1] >= lengths[1:]).all()):
+            return None
+    return torch.argsort(lengths, descending=True, stable=True)
 
 
 def select_batch(tensors: Sequence[Tensor | None], index: Tensor) -> list[Tensor | None]:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .functional import check_lengths, recurrent_layer, select_batch
+from .functional import check_lengths, longest_first_order, recurrent_layer, select_batch
 
 Tensor = torch.Tensor
 
@@ -100,9 +100,10 @@ class _FusedRNNBase(nn.RNNBase):
             lengths = torch.as_tensor(lengths)
             check_lengths(lengths, input, *states)
             # Sort the batch longest first once for all layers; the kernels need that order.
-            order = torch.argsort(lengths, descending=True, stable=True)
-            lengths = lengths.index_select(0, order)
-            input, *states = select_batch([input, *states], order.to(input.device))
+            order = longest_first_order(lengths)
+            if order is not None:
+                lengths = lengths.index_select(0, order)
+                input, *states = select_batch([input, *states], order.to(input.device))
         output, h_n, c_n = self._layers(input, states, lengths)
         if order is not None:
             inverse = torch.argsort(order).to(input.device)

@@ -82,14 +82,30 @@ def test_dropout_between_layers_only(mode):
     torch.testing.assert_close(flat(single.train()(x)), flat(single.eval()(x)))
 
 
+@pytest.mark.parametrize("order", ["unsorted", "sorted", "ties"])
 @pytest.mark.parametrize("mode", CELLS)
-def test_lengths_keyword_matches_packed(mode):
+def test_lengths_keyword_matches_packed(mode, order, monkeypatch):
+    """lengths= gives torch.nn's PackedSequence results and gradients, whatever the order of
+    the lengths; lengths already longest first (ties included) skip the reordering of the
+    batch around the kernels."""
     torch.manual_seed(6)
     theirs, ours = module_pair(mode, 3, 4, num_layers=2, bidirectional=True, batch_first=True)
     x = torch.randn(5, 7, 3, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([7, 3, 1, 5, 6])
+    lengths = {
+        "unsorted": torch.tensor([7, 3, 1, 5, 6]),
+        "sorted": torch.tensor([7, 6, 5, 3, 1]),
+        "ties": torch.tensor([7, 5, 5, 1, 1]),
+    }[order]
+    reorderings = []
+    select_batch = rnnext.modules.select_batch
+    monkeypatch.setattr(
+        rnnext.modules,
+        "select_batch",
+        lambda tensors, index: reorderings.append(index) or select_batch(tensors, index),
+    )
     expected, expected_grads = run_module(theirs, x, None, packed_lengths=lengths)
     got = flat(ours(x, lengths=lengths))
+    assert len(reorderings) == (2 if order == "unsorted" else 0)  # the batch in, the results out
     got += [] if mode == "LSTM" else [got[0].new_zeros(0)]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
