@@ -66,9 +66,20 @@ def recurrent_layer(
     bfloat16, accumulating in float) and returns ``dtype``; under ``torch.autocast("cpu")`` it
     runs and returns float32 whatever the autocast dtype, as its CPU kernels have no half
     types. Parameters keep their dtype and get gradients in it.
+
+    float16 and bfloat16 on the CPU (a module converted with ``.bfloat16()``, say, which
+    torch.nn runs there too): the layer computes in float32 and returns the input's dtype;
+    gradients come back in each tensor's own dtype.
     """
     _check_device(input)
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])
+    half_on_cpu = input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16)
+    if half_on_cpu:
+        half = input.dtype
+        input, hx, cx, *weights = [
+            t.float() if t is not None and t.dtype == half else t
+            for t in (input, hx, cx, *weights)
+        ]
     if lengths is not None:
         check_lengths(lengths, input, hx, cx)
     if checkpoint_every is not None:
@@ -109,6 +120,8 @@ def recurrent_layer(
         )
     if order is not None:
         output, h_n, c_n = select_batch([output, h_n, c_n], torch.argsort(order).to(input.device))
+    if half_on_cpu:
+        output, h_n, c_n = output.to(half), h_n.to(half), c_n.to(half)
     return output, h_n, c_n
 
 

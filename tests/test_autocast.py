@@ -1,10 +1,11 @@
-"""Autocast: on CUDA the layer runs in the autocast dtype; on the CPU in float32."""
+"""Half types and autocast: on CUDA the layer runs in the half or autocast dtype; on the CPU
+in float32, returning the dtype asked for."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODES, make_module
+from conftest import MODES, flat, make_module, module_pair, weighted_loss
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -49,3 +50,39 @@ def test_cuda_autocast_runs_in_half(mode, dtype):
     torch.testing.assert_close(output, half(x.to(dtype))[0])
     output.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_half_types_compute_in_float32(mode, dtype):
+    """A module converted to float16 or bfloat16 runs on the CPU (as torch.nn's does): it
+    computes in float32 on the half values and returns the half type, bitwise what a float32
+    call on the converted values gives, gradients included (in each tensor's own dtype);
+    outputs and states agree with torch.nn's half-type results within a few of the type's
+    rounding steps."""
+    torch.manual_seed(0)
+    # one layer: between layers the activations are in the half type, as in torch.nn
+    theirs, ours = module_pair(mode, 6, 8, dtype=dtype, bidirectional=True)
+    wide = make_module(mode, 6, 8, nn=False, bidirectional=True)
+    wide.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    x = torch.randn(7, 3, 6).to(dtype)
+    lengths = torch.tensor([7, 2, 5])
+
+    def run(module, inp, cast):
+        leaf = inp.detach().requires_grad_()
+        result = [cast(t) for t in flat(module(leaf, lengths=lengths))]
+        result += [] if mode == "LSTM" else [result[0].new_zeros(0)]
+        grads = torch.autograd.grad(weighted_loss(*result), [leaf, *module.parameters()])
+        return result, grads
+
+    got, got_grads = run(ours, x, lambda t: t)
+    want, want_grads = run(wide, x.float(), lambda t: t.to(dtype))
+    assert all(t.dtype == dtype for t in (*got, *got_grads))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b.to(dtype))
+    eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        for a, b in zip(flat(ours(x)), flat(theirs(x))):
+            torch.testing.assert_close(a.float(), b.float(), rtol=4 * eps, atol=4 * eps)
