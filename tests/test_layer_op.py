@@ -258,6 +258,25 @@ def test_packed_kernel(
     assert_matches(mode, x, weights, None, bidirectional, lengths)
 
 
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 2)], ids=str)
+@pytest.mark.parametrize("I", [1, 8, 16, 17], ids=lambda i: f"I{i}")
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_narrow_operands(mode, proj, I, bidirectional, with_lengths, dtype, device):
+    """GEMMs whose result is narrow (N at most half a packed tile: 16 floats, 8 doubles) run on
+    dot products and outer products instead of padded tiles: few inputs (the input gradient
+    and dW_ih), a small projection (h' = m W_hr^T forward, dh = dgh W_hh backward), a one-gate
+    cell's input projection at H = 6; on both sides of each width limit."""
+    torch.manual_seed(9)
+    T, B, H = 6, 9, 6
+    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
+    D = 2 if bidirectional else 1
+    weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=dtype, device=device)
+    lengths = torch.tensor([6, 2, 0, 5, 6, 1, 3, 4, 6]) if with_lengths else None
+    assert_matches(mode, x, weights, None, bidirectional, lengths)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_batch(mode, device):
     x = torch.randn(3, 0, 4, dtype=torch.float64, device=device, requires_grad=True)

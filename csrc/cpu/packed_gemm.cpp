@@ -225,7 +225,76 @@ inline __attribute__((always_inline)) void gemm_at(int64_t M, int64_t N, int64_t
   }
 }
 
+template <typename T>
+inline __attribute__((always_inline)) void narrow_rows(int64_t M, int64_t K, const T* A,
+                                                       int64_t lda, const T* Rt, T beta, T* C,
+                                                       int64_t ldc, int64_t n_begin, int64_t n_end,
+                                                       const T* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a = A + m * lda;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const T* r = Rt + n * K;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += a[k] * r[k];
+      if (bias != nullptr) sum += bias[n];
+      T& c = C[m * ldc + n];
+      c = beta == T(0) ? sum : beta * c + sum;
+    }
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void narrow_rows_at(int64_t M, int64_t N, int64_t K,
+                                                          const T* A, int64_t lda, const T* S,
+                                                          int64_t lds, T* C, int64_t ldc) {
+  // pieces of kPiece rows of C, each summed over all K in a block on the stack (16 KB)
+  constexpr int64_t kPiece = 256;
+  T acc[kNarrowMax<T>][kPiece];
+  for (int64_t j0 = 0; j0 < M; j0 += kPiece) {
+    const int64_t width = std::min(kPiece, M - j0);
+    for (int64_t n = 0; n < N; ++n) std::fill_n(acc[n], width, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* a = A + k * lda + j0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T s = S[k * lds + n];
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) acc[n][j] += s * a[j];
+      }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      for (int64_t n = 0; n < N; ++n) C[(j0 + j) * ldc + n] += acc[n][j];
+    }
+  }
+}
+
 }  // namespace
+
+RNNEXT_CPU_CLONES
+void narrow_gemm(int64_t M, int64_t /*N*/, int64_t K, const float* A, int64_t lda, const float* Rt,
+                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
+                 const float* bias) {
+  narrow_rows(M, K, A, lda, Rt, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_CPU_CLONES
+void narrow_gemm(int64_t M, int64_t /*N*/, int64_t K, const double* A, int64_t lda,
+                 const double* Rt, double beta, double* C, int64_t ldc, int64_t n_begin,
+                 int64_t n_end, const double* bias) {
+  narrow_rows(M, K, A, lda, Rt, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_CPU_CLONES
+void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* S,
+                    int64_t lds, float* C, int64_t ldc) {
+  narrow_rows_at(M, N, K, A, lda, S, lds, C, ldc);
+}
+
+RNNEXT_CPU_CLONES
+void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* S,
+                    int64_t lds, double* C, int64_t ldc) {
+  narrow_rows_at(M, N, K, A, lda, S, lds, C, ldc);
+}
 
 void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                         float* dst) {
