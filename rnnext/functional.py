@@ -77,8 +77,7 @@ def recurrent_layer(
     if half_on_cpu:
         half = input.dtype
         input, hx, cx, *weights = [
-            t.float() if t is not None and t.dtype == half else t
-            for t in (input, hx, cx, *weights)
+            t.float() if t is not None and t.dtype == half else t for t in (input, hx, cx, *weights)
         ]
     if lengths is not None:
         check_lengths(lengths, input, hx, cx)
