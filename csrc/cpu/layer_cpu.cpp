@@ -31,19 +31,19 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
   return (dtype == at::kDouble ? packed_ld<double>(N) : packed_ld<float>(N)) * K;
 }
 
-bool is_narrow(at::ScalarType dtype, int64_t N) {
-  return N <= (dtype == at::kDouble ? kNarrowMax<double> : kNarrowMax<float>);
-}
-
 // The packed copy of a GEMM's right-hand weight operand (at least kPackedMinSteps steps;
 // undefined otherwise): column tiles, or R^T [N, K] where N is narrow. weight is R [K, N], or
 // R^T [N, K] when transposed; contiguous.
 Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
                     const LayerShape& s) {
   if (!weight.defined() || s.T < kPackedMinSteps) return Tensor();
-  if (is_narrow(weight.scalar_type(), N)) return transposed ? weight : weight.t().contiguous();
-  Tensor packed = at::empty({packed_size(weight.scalar_type(), K, N)}, weight.options());
+  Tensor packed;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "rnnext_pack_operand", [&] {
+    if (is_narrow<scalar_t>(N)) {
+      packed = transposed ? weight : weight.t().contiguous();
+      return;
+    }
+    packed = at::empty({packed_ld<scalar_t>(N) * K}, weight.options());
     pack_right_operand(weight.const_data_ptr<scalar_t>(), K, N, transposed, transposed ? K : N,
                        packed.mutable_data_ptr<scalar_t>());
   });
@@ -76,8 +76,6 @@ struct DirectionInputs : DirectionTensors {
     r.data = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
     r.transposed = !backward;
     r.packed = packed.defined() ? packed.const_data_ptr<T>() : nullptr;
-    // N: R^T [N, K] forward, R [K, N] backward
-    r.narrow = packed.defined() && is_narrow(weight.scalar_type(), weight.size(backward ? 1 : 0));
     return r;
   }
 };

@@ -86,7 +86,7 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
     return compact ? z.compact_row(t, first) : (t - first) * z.batch;
   };
   const int64_t end = first + count;
-  if (R.packed != nullptr && !R.narrow) {
+  if (R.packed != nullptr && !is_narrow<T>(N)) {
     // steps grouped into chunks of about packed_chunk_rows rows, one thread hand-off each
     for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
       int64_t rows = 0;
@@ -478,7 +478,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, T* packed,
                          T* grad) {
     if (count == 0) return;
-    if (packed != nullptr && N <= kNarrowMax<T>) {
+    if (packed != nullptr && is_narrow<T>(N)) {
       // a narrow src (few inputs, say): summed straight from its rows, no tiles
       for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
         narrow_gemm_at(r.size(), N, count, dg + r.begin, GH, src, ld, grad + r.begin * N, N);

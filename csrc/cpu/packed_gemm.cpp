@@ -131,17 +131,15 @@ inline __attribute__((always_inline)) void pack_tile(const T* src, int64_t K, in
   }
 }
 
-RNNEXT_CPU_CLONES
-void pack_tile_clone(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
-                     int64_t n0, float* tile) {
-  pack_tile(src, K, N, transposed, ld, n0, tile);
-}
+}  // namespace
 
-RNNEXT_CPU_CLONES
+// (defined with the entry points below)
+void pack_tile_clone(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                     int64_t n0, float* tile);
 void pack_tile_clone(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
-                     int64_t n0, double* tile) {
-  pack_tile(src, K, N, transposed, ld, n0, tile);
-}
+                     int64_t n0, double* tile);
+
+namespace {
 
 template <typename T>
 void pack_tiles(const T* src, int64_t K, int64_t N, bool transposed, int64_t ld, T* dst) {
@@ -270,68 +268,40 @@ inline __attribute__((always_inline)) void narrow_rows_at(int64_t M, int64_t N, 
 
 }  // namespace
 
-RNNEXT_CPU_CLONES
-void narrow_gemm(int64_t M, int64_t /*N*/, int64_t K, const float* A, int64_t lda, const float* Rt,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const float* bias) {
-  narrow_rows(M, K, A, lda, Rt, beta, C, ldc, n_begin, n_end, bias);
-}
-
-RNNEXT_CPU_CLONES
-void narrow_gemm(int64_t M, int64_t /*N*/, int64_t K, const double* A, int64_t lda,
-                 const double* Rt, double beta, double* C, int64_t ldc, int64_t n_begin,
-                 int64_t n_end, const double* bias) {
-  narrow_rows(M, K, A, lda, Rt, beta, C, ldc, n_begin, n_end, bias);
-}
-
-RNNEXT_CPU_CLONES
-void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* S,
-                    int64_t lds, float* C, int64_t ldc) {
-  narrow_rows_at(M, N, K, A, lda, S, lds, C, ldc);
-}
-
-RNNEXT_CPU_CLONES
-void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* S,
-                    int64_t lds, double* C, int64_t ldc) {
-  narrow_rows_at(M, N, K, A, lda, S, lds, C, ldc);
-}
-
-void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
-                        float* dst) {
-  pack_tiles(src, K, N, transposed, ld, dst);
-}
-
-void pack_right_operand(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
-                        double* dst) {
-  pack_tiles(src, K, N, transposed, ld, dst);
-}
-
-// (tiles outer: the few rows of A stay in cache while the tiles of R stream past)
-RNNEXT_CPU_CLONES
-void packed_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const float* bias) {
-  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
-}
-
-RNNEXT_CPU_CLONES
-void packed_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
-                 double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const double* bias) {
-  rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);
-}
-
-RNNEXT_CPU_CLONES
-void packed_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* R,
-                    float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
-  gemm_at(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end);
-}
-
-RNNEXT_CPU_CLONES
-void packed_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* R,
-                    double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end) {
-  gemm_at(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end);
-}
+// The entry points, once per type: each a target clone (a template cannot be one), inlining
+// its template above. (Packing clones only the tile: its parallel_for lambda would not be.)
+#define RNNEXT_PACKED_GEMM_ENTRY_POINTS(T)                                                        \
+  RNNEXT_CPU_CLONES void pack_tile_clone(const T* src, int64_t K, int64_t N, bool transposed,     \
+                                         int64_t ld, int64_t n0, T* tile) {                       \
+    pack_tile(src, K, N, transposed, ld, n0, tile);                                               \
+  }                                                                                               \
+  void pack_right_operand(const T* src, int64_t K, int64_t N, bool transposed, int64_t ld,        \
+                          T* dst) {                                                               \
+    pack_tiles(src, K, N, transposed, ld, dst);                                                   \
+  }                                                                                               \
+  /* tiles outer: the few rows of A stay in cache while the tiles of R stream past */             \
+  RNNEXT_CPU_CLONES void packed_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,    \
+                                     const T* R, T beta, T* C, int64_t ldc, int64_t n_begin,      \
+                                     int64_t n_end, const T* bias) {                              \
+    rows_times_tiles<false>(M, N, K, A, lda, R, K, beta, C, ldc, n_begin, n_end, bias);           \
+  }                                                                                               \
+  RNNEXT_CPU_CLONES void packed_gemm_at(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
+                                        const T* R, T beta, T* C, int64_t ldc, int64_t n_begin,   \
+                                        int64_t n_end) {                                          \
+    gemm_at(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end);                                    \
+  }                                                                                               \
+  RNNEXT_CPU_CLONES void narrow_gemm(int64_t M, int64_t K, const T* A, int64_t lda, const T* Rt,  \
+                                     T beta, T* C, int64_t ldc, int64_t n_begin, int64_t n_end,   \
+                                     const T* bias) {                                             \
+    narrow_rows(M, K, A, lda, Rt, beta, C, ldc, n_begin, n_end, bias);                            \
+  }                                                                                               \
+  RNNEXT_CPU_CLONES void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
+                                        const T* S, int64_t lds, T* C, int64_t ldc) {             \
+    narrow_rows_at(M, N, K, A, lda, S, lds, C, ldc);                                              \
+  }
+RNNEXT_PACKED_GEMM_ENTRY_POINTS(float)
+RNNEXT_PACKED_GEMM_ENTRY_POINTS(double)
+#undef RNNEXT_PACKED_GEMM_ENTRY_POINTS
 
 }  // namespace cpu
 }  // namespace rnnext

@@ -46,18 +46,20 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, 
 // tile would be mostly zero padding (with I = 2, a dx product did 16 times its work).
 template <typename T>
 inline constexpr int64_t kNarrowMax = kPackedTile<T> / 2;
+template <typename T>
+inline bool is_narrow(int64_t N) {
+  return N <= kNarrowMax<T>;
+}
 
-// C[M, N] = A[M, K] @ R + beta C (+ bias [N] on every row, unless null) for the columns
-// [n_begin, n_end), R given as Rt = R^T [N, K]: a dot product per element, along K.
-void narrow_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Rt,
-                 float beta, float* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const float* bias);
-void narrow_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Rt,
-                 double beta, double* C, int64_t ldc, int64_t n_begin, int64_t n_end,
-                 const double* bias);
+// C[M, n_begin:n_end] = A[M, K] @ R + beta C (+ bias on every row, unless null), R given as
+// Rt = R^T [N, K]: a dot product per element, along K.
+void narrow_gemm(int64_t M, int64_t K, const float* A, int64_t lda, const float* Rt, float beta,
+                 float* C, int64_t ldc, int64_t n_begin, int64_t n_end, const float* bias);
+void narrow_gemm(int64_t M, int64_t K, const double* A, int64_t lda, const double* Rt, double beta,
+                 double* C, int64_t ldc, int64_t n_begin, int64_t n_end, const double* bias);
 
 // C[M, N] += A^T @ S, A^T stored as [K, M] with row stride lda, S [K, N] (row stride lds),
-// N <= kNarrowMax: the weight-gradient form dW = dG^T X for a narrow X, summed from zero over
+// is_narrow(N): the weight-gradient form dW = dG^T X for a narrow X, summed from zero over
 // all K rows and then added.
 void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* S,
                     int64_t lds, float* C, int64_t ldc);
@@ -66,13 +68,12 @@ void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t ld
 
 // The right-hand weight operand of a GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
 // `transposed`; `packed` its packed copy (null to use BLAS): column tiles, or R^T [N, K]
-// itself when `narrow` (N <= kNarrowMax).
+// itself where is_narrow<T>(N).
 template <typename T>
 struct RightOperand {
   const T* data = nullptr;
   bool transposed = false;
   const T* packed = nullptr;
-  bool narrow = false;
 };
 
 // C[M, N] = A^T @ R + beta C for the columns [n_begin, n_end), A^T stored as [K, M] with row
@@ -133,8 +134,8 @@ void weight_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
                  T beta, T* C, int64_t ldc, const T* bias = nullptr, Cols cols = {0, -1}) {
   if (cols.end < 0) cols = {0, N};
   if (M == 0 || cols.size() <= 0) return;
-  if (R.packed != nullptr && R.narrow) {
-    narrow_gemm(M, N, K, A, lda, R.packed, beta, C, ldc, cols.begin, cols.end, bias);
+  if (R.packed != nullptr && is_narrow<T>(N)) {
+    narrow_gemm(M, K, A, lda, R.packed, beta, C, ldc, cols.begin, cols.end, bias);
     return;
   }
   if (R.packed != nullptr) {
