@@ -140,14 +140,17 @@ struct ForwardParams : LayerDims<T> {
   T* hg;            // [B, G*H] scratch: W_hh h of the current step (cells without kSumsGates)
 };
 
-// One step's fused pointwise forward over rows [b0, b1) and hidden units [j0, j1): gates, new
-// state and, with kSave (backward will run), the values backward reads.
+// One step's fused pointwise forward over rows b0, b0 + b_step, ... below b1 and hidden units
+// [j0, j1): gates, new state and, with kSave (backward will run), the values backward reads.
+// A call covers all of a member's rows, since with few units a call per row paid its
+// prologue once for every few vectors of work.
 template <typename Cell, bool kSave, typename T>
 RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, int64_t n_cont,
                                     const T* h_cont, T* cell_out, int64_t ld_cell_out, T* ws_t,
-                                    int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                                    int64_t b0, int64_t b1, int64_t b_step, int64_t j0,
+                                    int64_t j1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b0; b < b1; b += b_step) {
     const T* xg = xg_t + b * GH;
     T* c = Cell::kHasCellState ? p.c_state + b * H : nullptr;  // updated in place
     T* out = cell_out + b * ld_cell_out;
@@ -237,6 +240,21 @@ void for_each_member_row(const TeamMember& m, bool by_rows, int64_t lo, int64_t 
   });
 }
 
+// Runs a step's pointwise pass f(b0, b1, b_step) over the rows [0, n): by rows, the member's
+// own rows in one call; otherwise shared out over torch's threads (inside a team's region
+// that is the calling member alone, on its own units).
+template <typename F>
+void run_pointwise(const TeamMember& m, bool by_rows, int64_t n, int64_t row_elems, const F& f) {
+  if (by_rows) {
+    for_member_rows(m, true, 0, n, [&](int64_t first, int64_t count, int64_t stride) {
+      f(first, first + count * stride, stride);
+    });
+    return;
+  }
+  at::parallel_for(0, n, pointwise_grain(row_elems),
+                   [&](int64_t b0, int64_t b1) { f(b0, b1, int64_t{1}); });
+}
+
 // The forward time loop, one direction; a team member's part (TeamPlan). By units: its units'
 // columns of every gate product and their pointwise pass, and the step ends at a barrier,
 // since the next one reads all of h'; the input projection of a block needs none, as each
@@ -293,17 +311,13 @@ void forward_direction(const ForwardParams<T>& p) {
         });
       });
       // the values backward reads are saved only where it will run
-      const auto pointwise = [&](int64_t b0, int64_t b1) {
+      const auto pointwise = [&](int64_t b0, int64_t b1, int64_t b_step) {
         (p.workspace != nullptr ? forward_rows<Cell, true, T>
                                 : forward_rows<Cell, false, T>)(p, xg_t, n_cont, h_cont, cell_out,
-                                                                ld_cell_out, ws_t, b0, b1,
+                                                                ld_cell_out, ws_t, b0, b1, b_step,
                                                                 step_units.begin, step_units.end);
       };
-      if (by_rows) {
-        for_each_member_row(m, true, 0, n, [&](int64_t b) { pointwise(b, b + 1); });
-      } else {
-        at::parallel_for(0, n, pointwise_grain(GH), pointwise);
-      }
+      run_pointwise(m, by_rows, n, GH, pointwise);
       if (p.projected()) {
         weight_gemm<T>(n, P, H, cell_out, ld_cell_out, p.hr, T(0), h_out, p.ldo);
       }
@@ -358,17 +372,18 @@ struct BackwardParams : LayerDims<T> {
   T* go_rows;          // [B, P]: a step's output gradient when its rows are strided
 };
 
-// One step's fused pointwise backward over rows [b0, b1) and hidden units [j0, j1): gate
+// One step's fused pointwise backward over rows b0, b0 + b_step, ... below b1 and hidden units
+// [j0, j1) (a call covers all of a member's rows, as forward_rows does): gate
 // gradients, the direct part of dh_prev (written over dh in place) and dc (in place). go_t rows
 // have stride ld_go.
 template <typename Cell, typename T>
 RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int64_t n_cont,
                                      const T* h_cont, const T* ws_t, const T* ws_prev,
                                      const T* go_t, int64_t ld_go, const T* dcell, int64_t ld_dcell,
-                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1, int64_t j0,
-                                     int64_t j1) {
+                                     T* dgx_t, T* dgh_t, int64_t b0, int64_t b1, int64_t b_step,
+                                     int64_t j0, int64_t j1) {
   const int64_t P = p.out, H = p.hidden, GH = p.gates * H;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b0; b < b1; b += b_step) {
     const T* h_prev = b < n_cont ? h_cont + b * p.ldo : p.h0 + b * P;
     const T* ws = ws_t + b * p.ws_row;
     const T* cell_out = p.projected() ? ws + p.m_offset : p.output + (t * p.batch + b) * p.ldo;
@@ -594,18 +609,17 @@ void backward_direction(const BackwardParams<T>& p) {
         ld_dcell = H;
         go_t = nullptr;
       }
-      const auto pointwise = [&](int64_t b0, int64_t b1) {
+      const auto pointwise = [&](int64_t b0, int64_t b1, int64_t b_step) {
         backward_rows<Cell, T>(p, t, n_cont, h_cont, ws_t, ws_prev, go_t, ld_go, dcell, ld_dcell,
-                               dgx_t, dgh_t, b0, b1, units.begin, units.end);
+                               dgx_t, dgh_t, b0, b1, b_step, units.begin, units.end);
       };
+      run_pointwise(m, by_rows, n, GH, pointwise);
       if (by_rows) {
         // a member's rows need only their own gate gradients from here on
-        for_each_member_row(m, true, 0, n, [&](int64_t b) { pointwise(b, b + 1); });
         for_each_member_row(m, true, n_cont, n, [&](int64_t b) {
           std::copy_n(dgh_t + b * GH, GH, p.dgh_first + b * GH);
         });
       } else {
-        at::parallel_for(0, n, pointwise_grain(GH), pointwise);
         m.sync();  // the step's gate gradients are complete
         if (m.leader()) std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
       }
