@@ -137,6 +137,31 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [2, 3], ids=lambda n: f"threads{n}")
+@pytest.mark.parametrize("at_once", [None, "0", "1"], ids=["auto", "in_turn", "at_once"])
+def test_bidirectional_threads(mode, threads, at_once, monkeypatch):
+    """CPU: the directions of a bidirectional layer run at once, a thread each, when that uses
+    every thread (2 threads), else one after the other, each on every thread (3 here: more
+    threads than cores, as on a larger machine); RNNEXT_CPU_PARALLEL_DIRECTIONS forces either.
+    Each way matches the reference, with teams by units and by rows inside a direction."""
+    if at_once is not None:
+        monkeypatch.setenv("RNNEXT_CPU_PARALLEL_DIRECTIONS", at_once)
+    monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")
+    torch.manual_seed(9)
+    T, I, H = 7, 20, 64
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, lengths in ((5, None), (24, torch.randint(0, T + 1, (24,)))):
+            x = torch.randn(T, batch, I, dtype=torch.float64, requires_grad=True)
+            weights = layer_weights(mode, I, H, directions=2, dtype=torch.float64)
+            h0 = torch.randn(2, batch, H, dtype=torch.float64, requires_grad=True)
+            assert_matches(mode, x, weights, h0, True, lengths)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 2, 3], ids=lambda n: f"threads{n}")
 @pytest.mark.parametrize("batch", [5, 24], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -247,7 +272,8 @@ def test_packed_kernel(
     blocks, more rows than a chunk, both directions, lengths. A unidirectional layer's steps
     are shared among the threads either by tiles of hidden units (GEMM columns and pointwise
     pass together, H a multiple of the tile) or by batch rows (every other row, each thread
-    through all steps of its rows); a bidirectional layer runs each direction on one thread."""
+    through all steps of its rows); a bidirectional layer on 2 threads runs each direction on
+    one thread."""
     monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
     torch.manual_seed(6)
     T, I = 6, 20
