@@ -20,9 +20,34 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// `import rnnext._C` loads this library, which registers the ops; the module itself is empty.
+#include "cpu/buffer_cache.h"
+
+namespace {
+
+// _cpu_cache_stats() -> (reused, allocated, cached_bytes): see cpu/buffer_cache.h
+PyObject* cpu_cache_stats(PyObject*, PyObject*) {
+  const rnnext::cpu::BufferCacheStats s = rnnext::cpu::buffer_cache_stats();
+  return Py_BuildValue("(LLL)", static_cast<long long>(s.reused),
+                       static_cast<long long>(s.allocated), static_cast<long long>(s.cached_bytes));
+}
+
+// _release_cpu_cache() -> bytes freed
+PyObject* release_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(rnnext::cpu::release_cached_buffers());
+}
+
+PyMethodDef methods[] = {
+    {"_cpu_cache_stats", cpu_cache_stats, METH_NOARGS, nullptr},
+    {"_release_cpu_cache", release_cpu_cache, METH_NOARGS, nullptr},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// `import rnnext._C` loads this library, which registers the ops; the module's own functions
+// only report on and empty the CPU workspace cache.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

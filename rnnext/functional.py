@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _C
 from ._autograd import CheckpointedLayerFunction, LayerFunction
 
 Tensor = torch.Tensor
@@ -207,3 +208,26 @@ def cuda_graph_stats(device: torch.device | str = "cuda") -> dict[str, int]:
     counts = torch.ops.rnnext._cuda_graph_stats(torch.empty(0, device=device))
     names = ("first_sightings", "captures", "failed_captures", "graph_launches")
     return dict(zip(names, counts))
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """Counters of the CPU workspace cache, process-wide.
+
+    On the CPU, the workspace a layer's forward keeps for its backward (and a bidirectional
+    layer's per-direction input gradients), when 4 MB or larger, comes from a cache of freed
+    buffers: a buffer that large would otherwise be mapped afresh by the C library at every
+    call and pay a page fault per 4 KB written. A call reuses a cached buffer of at least its
+    size and at most 5/4 of it. The cache holds at most ``RNNEXT_CPU_CACHE_MB`` megabytes
+    (read once, at the first such call; default 1024, ``0`` turns it off), dropping its oldest
+    buffers beyond that. Returns ``reused`` (buffers handed out again), ``allocated`` (buffers
+    newly allocated for it) and ``cached_bytes`` (held now, free for reuse).
+    """
+    names = ("reused", "allocated", "cached_bytes")
+    return dict(zip(names, _C._cpu_cache_stats()))
+
+
+def release_cpu_cache() -> int:
+    """Frees the buffers the CPU workspace cache holds (see :func:`cpu_cache_stats`), as
+    ``torch.cuda.empty_cache()`` does for CUDA's; returns how many bytes that was. Buffers in
+    use are not touched: they go back to the cache when their tensors die."""
+    return _C._release_cpu_cache()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import MODES, layer_weights, weighted_loss
@@ -134,6 +138,46 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
     lengths = torch.tensor([11, 6, 0, 9])
     for lens in (None, lengths):
         assert_matches(mode, x, weights, h0, True, lens)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_cpu_workspace_cache(mode):
+    """CPU: workspaces and a bidirectional layer's per-direction input gradients of 4 MB or
+    more come from a cache of freed buffers. The second call gets the first call's buffers
+    back, with their old contents, and still matches the reference; release_cpu_cache frees
+    what the cache holds."""
+    functional.release_cpu_cache()
+    torch.manual_seed(10)
+    T, B, I, H = 32, 16, 512, 128  # float64: workspace >= 4 MB, [2, T, B, I] = 4 MB
+    weights = layer_weights(mode, I, H, directions=2, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,))
+    before = functional.cpu_cache_stats()
+    for call in range(2):
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        assert_matches(mode, x, weights, None, True, lengths if call else None)
+        stats = functional.cpu_cache_stats()
+        assert stats["allocated"] - before["allocated"] == 2  # workspace and grad_x, once
+        assert stats["reused"] - before["reused"] == 2 * call
+    workspace = 2 * T * B * (5 if mode == "LSTM" else 4) * H * 8
+    assert functional.release_cpu_cache() >= workspace + 2 * T * B * I * 8
+    assert functional.cpu_cache_stats()["cached_bytes"] == 0
+    assert functional.release_cpu_cache() == 0
+
+
+def test_cpu_workspace_cache_off():
+    """RNNEXT_CPU_CACHE_MB=0 turns the cache off: nothing is allocated for it or kept."""
+    script = (
+        "import torch, rnnext\n"
+        "m = rnnext.LSTM(128, 128, bidirectional=True)\n"
+        "out, _ = m(torch.randn(64, 16, 128, requires_grad=True))\n"
+        "out.sum().backward()\n"
+        "print(rnnext.functional.cpu_cache_stats())\n"
+    )
+    env = {**os.environ, "RNNEXT_CPU_CACHE_MB": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "{'reused': 0, 'allocated': 0, 'cached_bytes': 0}"
 
 
 @pytest.mark.parametrize("mode", MODES)

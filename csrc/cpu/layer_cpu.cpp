@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/layer_args.h"
+#include "buffer_cache.h"
 #include "layer_driver.h"
 
 namespace rnnext {
@@ -153,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
   Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
   Tensor workspace =
-      need_workspace ? at::empty({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
+      need_workspace ? empty_cached({s.D, s.T, s.B, s.ws_row}, opts) : at::empty({0}, opts);
   // per-direction scratch, [D, ...], so that the directions can run concurrently
   const Tensor xg = at::empty({s.D, block_steps(s), s.B, s.G * s.H}, opts);
   const Tensor hg = at::empty({s.D, sums_gates ? 0 : s.B, s.G * s.H}, opts);
@@ -211,7 +212,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
 
   // Gradients, per direction ([D, ...]) where the directions, running concurrently, would
   // otherwise write into the same memory; grad_x needs no zeroing (the driver writes it whole).
-  const Tensor grad_x = need_input ? at::empty({s.D, s.T, s.B, s.I}, opts) : Tensor();
+  // (two directions' are summed into a new tensor, so theirs can come from the cache)
+  const Tensor grad_x = !need_input ? Tensor()
+                        : s.D == 1  ? at::empty({s.D, s.T, s.B, s.I}, opts)
+                                    : empty_cached({s.D, s.T, s.B, s.I}, opts);
   std::vector<std::vector<Tensor>> grad_w(s.D);
   for (int64_t d = 0; d < s.D && need_weights; ++d) grad_w[d] = zero_weight_gradients(s, d, opts);
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
