@@ -218,8 +218,9 @@ def cpu_cache_stats() -> dict[str, int]:
     buffers: a buffer that large would otherwise be mapped afresh by the C library at every
     call and pay a page fault per 4 KB written. A call reuses a cached buffer of at least its
     size and at most 5/4 of it. The cache holds at most ``RNNEXT_CPU_CACHE_MB`` megabytes
-    (read once, at the first such call; default 1024, ``0`` turns it off), dropping its oldest
-    buffers beyond that. Returns ``reused`` (buffers handed out again), ``allocated`` (buffers
+    (a whole number, read once, at the first such call, which raises a RuntimeError for
+    anything else; default 1024, ``0`` turns it off), dropping its oldest buffers beyond
+    that. Returns ``reused`` (buffers handed out again), ``allocated`` (buffers
     newly allocated for it) and ``cached_bytes`` (held now, free for reuse).
     """
     names = ("reused", "allocated", "cached_bytes")

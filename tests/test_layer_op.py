@@ -164,8 +164,9 @@ def test_cpu_workspace_cache(mode):
     assert functional.release_cpu_cache() == 0
 
 
-def test_cpu_workspace_cache_off():
-    """RNNEXT_CPU_CACHE_MB=0 turns the cache off: nothing is allocated for it or kept."""
+def run_with_cache_setting(value: str) -> subprocess.CompletedProcess:
+    """A bidirectional LSTM forward+backward (a 5 MB workspace) in a fresh process with
+    RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters."""
     script = (
         "import torch, rnnext\n"
         "m = rnnext.LSTM(128, 128, bidirectional=True)\n"
@@ -173,11 +174,24 @@ def test_cpu_workspace_cache_off():
         "out.sum().backward()\n"
         "print(rnnext.functional.cpu_cache_stats())\n"
     )
-    env = {**os.environ, "RNNEXT_CPU_CACHE_MB": "0"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-    )
+    env = {**os.environ, "RNNEXT_CPU_CACHE_MB": value}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+
+
+def test_cpu_workspace_cache_off():
+    """RNNEXT_CPU_CACHE_MB=0 turns the cache off: nothing is allocated for it or kept."""
+    result = run_with_cache_setting("0")
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "{'reused': 0, 'allocated': 0, 'cached_bytes': 0}"
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "12MB"])
+def test_cpu_workspace_cache_setting_checked(value):
+    """A setting that is not a whole number of megabytes is an error that names it."""
+    result = run_with_cache_setting(value)
+    assert result.returncode != 0
+    assert "RNNEXT_CPU_CACHE_MB must be a whole number of megabytes" in result.stderr
+    assert f"got '{value}'" in result.stderr
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -14,7 +14,16 @@ class BufferCache {
  public:
   BufferCache() {
     const char* env = std::getenv("RNNEXT_CPU_CACHE_MB");
-    limit_ = (env != nullptr ? std::strtoll(env, nullptr, 10) : 1024) << 20;
+    int64_t megabytes = 1024;
+    if (env != nullptr && *env != '\0') {  // (set but empty counts as unset)
+      char* end = nullptr;
+      megabytes = std::strtoll(env, &end, 10);
+      TORCH_CHECK(end != env && *end == '\0' && megabytes >= 0 && megabytes <= (int64_t{1} << 30),
+                  "rnnext: RNNEXT_CPU_CACHE_MB must be a whole number of megabytes from 0 (no "
+                  "cache) to 2^30, got '",
+                  env, "'");
+    }
+    limit_ = megabytes << 20;
   }
 
   int64_t limit() const { return limit_; }
@@ -42,9 +51,12 @@ class BufferCache {
       ++stats_.allocated;
     }
     capacity = bytes;
-    void* data = nullptr;
-    if (posix_memalign(&data, 64, static_cast<size_t>(bytes)) != 0) data = nullptr;
-    TORCH_CHECK(data != nullptr, "rnnext: out of memory allocating a workspace of ", bytes,
+    void* data = allocate(bytes);
+    if (data == nullptr) {  // the cached buffers may be what is missing
+      release();
+      data = allocate(bytes);
+    }
+    TORCH_CHECK(data != nullptr, "rnnext: out of memory allocating a CPU workspace of ", bytes,
                 " bytes");
     return data;
   }
@@ -90,6 +102,11 @@ class BufferCache {
   }
 
  private:
+  static void* allocate(int64_t bytes) {
+    void* data = nullptr;
+    return posix_memalign(&data, 64, static_cast<size_t>(bytes)) == 0 ? data : nullptr;
+  }
+
   struct Entry {
     void* data;
     int64_t bytes;

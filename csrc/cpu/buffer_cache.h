@@ -16,8 +16,9 @@ namespace cpu {
 // its memory taken from the cache where a freed buffer of at least its size (and at most
 // 5/4 of it) is there, and given back to it when the tensor's storage dies. Buffers under
 // kMinCachedBytes come from at::empty as usual. The cache keeps at most
-// RNNEXT_CPU_CACHE_MB (default 1024) megabytes of freed buffers, dropping the oldest first;
-// 0 turns it off.
+// RNNEXT_CPU_CACHE_MB (a whole number, read at the first use; default 1024) megabytes of
+// freed buffers, dropping the oldest first; 0 turns it off. A failed allocation empties the
+// cache and tries once more.
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Counters since the process started: buffers handed out from the cache, buffers newly
