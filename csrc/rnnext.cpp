@@ -20,20 +20,40 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 #include "cpu/buffer_cache.h"
 
 namespace {
 
+// C++ errors (a bad RNNEXT_CPU_CACHE_MB) become Python exceptions: none may cross the C API.
+template <typename F>
+PyObject* translate_errors(const F& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 // _cpu_cache_stats() -> (reused, allocated, cached_bytes): see cpu/buffer_cache.h
 PyObject* cpu_cache_stats(PyObject*, PyObject*) {
-  const rnnext::cpu::BufferCacheStats s = rnnext::cpu::buffer_cache_stats();
-  return Py_BuildValue("(LLL)", static_cast<long long>(s.reused),
-                       static_cast<long long>(s.allocated), static_cast<long long>(s.cached_bytes));
+  return translate_errors([] {
+    const rnnext::cpu::BufferCacheStats s = rnnext::cpu::buffer_cache_stats();
+    return Py_BuildValue("(LLL)", static_cast<long long>(s.reused),
+                         static_cast<long long>(s.allocated),
+                         static_cast<long long>(s.cached_bytes));
+  });
 }
 
 // _release_cpu_cache() -> bytes freed
 PyObject* release_cpu_cache(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(rnnext::cpu::release_cached_buffers());
+  return translate_errors(
+      [] { return PyLong_FromLongLong(rnnext::cpu::release_cached_buffers()); });
 }
 
 PyMethodDef methods[] = {

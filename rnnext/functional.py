@@ -218,10 +218,13 @@ def cpu_cache_stats() -> dict[str, int]:
     buffers: a buffer that large would otherwise be mapped afresh by the C library at every
     call and pay a page fault per 4 KB written. A call reuses a cached buffer of at least its
     size and at most 5/4 of it. The cache holds at most ``RNNEXT_CPU_CACHE_MB`` megabytes
-    (a whole number, read once, at the first such call, which raises a RuntimeError for
-    anything else; default 1024, ``0`` turns it off), dropping its oldest buffers beyond
-    that. Returns ``reused`` (buffers handed out again), ``allocated`` (buffers
-    newly allocated for it) and ``cached_bytes`` (held now, free for reuse).
+    (default 1024, ``0`` turns it off), dropping its oldest buffers beyond that; what it holds
+    stays allocated until :func:`release_cpu_cache`, and ``torch.profiler``'s memory view does
+    not count it. The setting is read at the cache's first use; a value that is not a whole
+    number of megabytes makes every use raise a RuntimeError that names it: this function,
+    :func:`release_cpu_cache`, and every CPU call with a buffer that large.
+    Returns ``reused`` (buffers handed out again), ``allocated`` (buffers newly allocated for
+    it) and ``cached_bytes`` (held now, free for reuse).
     """
     names = ("reused", "allocated", "cached_bytes")
     return dict(zip(names, _C._cpu_cache_stats()))

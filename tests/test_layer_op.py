@@ -164,12 +164,14 @@ def test_cpu_workspace_cache(mode):
     assert functional.release_cpu_cache() == 0
 
 
-def run_with_cache_setting(value: str) -> subprocess.CompletedProcess:
+def run_with_cache_setting(value: str, stats_first: bool = False) -> subprocess.CompletedProcess:
     """A bidirectional LSTM forward+backward (a 5 MB workspace) in a fresh process with
-    RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters."""
+    RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters (before the layer runs, too,
+    with stats_first)."""
     script = (
         "import torch, rnnext\n"
-        "m = rnnext.LSTM(128, 128, bidirectional=True)\n"
+        + ("print(rnnext.functional.cpu_cache_stats())\n" if stats_first else "")
+        + "m = rnnext.LSTM(128, 128, bidirectional=True)\n"
         "out, _ = m(torch.randn(64, 16, 128, requires_grad=True))\n"
         "out.sum().backward()\n"
         "print(rnnext.functional.cpu_cache_stats())\n"
@@ -186,10 +188,13 @@ def test_cpu_workspace_cache_off():
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "12MB"])
-def test_cpu_workspace_cache_setting_checked(value):
-    """A setting that is not a whole number of megabytes is an error that names it."""
-    result = run_with_cache_setting(value)
-    assert result.returncode != 0
+@pytest.mark.parametrize("stats_first", [False, True], ids=["layer_first", "stats_first"])
+def test_cpu_workspace_cache_setting_checked(value, stats_first):
+    """A setting that is not a whole number of megabytes is a Python RuntimeError that names
+    it, whether a layer or cpu_cache_stats() uses the cache first (never a crash)."""
+    result = run_with_cache_setting(value, stats_first)
+    assert result.returncode == 1, result.stderr
+    assert "RuntimeError" in result.stderr
     assert "RNNEXT_CPU_CACHE_MB must be a whole number of megabytes" in result.stderr
     assert f"got '{value}'" in result.stderr
 
@@ -199,9 +204,9 @@ def test_cpu_workspace_cache_setting_checked(value):
 @pytest.mark.parametrize("at_once", [None, "0", "1"], ids=["auto", "in_turn", "at_once"])
 def test_bidirectional_threads(mode, threads, at_once, monkeypatch):
     """CPU: the directions of a bidirectional layer run at once, a thread each, when that uses
-    every thread (2 threads), else one after the other, each on every thread (3 here: more
-    threads than cores, as on a larger machine); RNNEXT_CPU_PARALLEL_DIRECTIONS forces either.
-    Each way matches the reference, with teams by units and by rows inside a direction."""
+    every thread (2 threads), else one after the other, each on every thread (3 threads, as on
+    a larger machine); RNNEXT_CPU_PARALLEL_DIRECTIONS forces either. Each way matches the
+    reference, with teams by units and by rows inside a direction."""
     if at_once is not None:
         monkeypatch.setenv("RNNEXT_CPU_PARALLEL_DIRECTIONS", at_once)
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")

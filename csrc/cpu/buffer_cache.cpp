@@ -1,6 +1,7 @@
 #include "buffer_cache.h"
 
 #include <ATen/ATen.h>
+#include <pthread.h>
 
 #include <cstdlib>
 #include <deque>
@@ -25,6 +26,11 @@ class BufferCache {
     }
     limit_ = megabytes << 20;
   }
+
+  // Held across fork() (pthread_atfork), so that the child's copy is never locked forever by
+  // a thread that does not exist there.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
 
   int64_t limit() const { return limit_; }
 
@@ -121,7 +127,11 @@ class BufferCache {
 // Never destroyed: tensors that outlive static destruction at exit still give their buffers
 // back to it.
 BufferCache& cache() {
-  static BufferCache* instance = new BufferCache();
+  static BufferCache* instance = [] {
+    BufferCache* created = new BufferCache();
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+    return created;
+  }();
   return *instance;
 }
 

@@ -1,8 +1,17 @@
 // Large host buffers kept for reuse: the workspace that a layer's forward saves for its
-// backward. glibc maps an allocation of 32 MB or more afresh each time and unmaps it when
-// freed, so every call paid a page fault (and the zeroing of a page) per 4 KB it wrote: about
-// 10-15 ms of a 2-layer bidirectional (200, 32, 256) forward. A buffer freed here goes back to
-// a small cache instead, and the next call of the same size writes into pages already mapped.
+// backward, and a bidirectional layer's per-direction input gradients. glibc maps an
+// allocation of 32 MB or more afresh each time and unmaps it when freed, so every call paid a
+// page fault (and the zeroing of a page) per 4 KB it wrote: 10-20 ms of a 2-layer
+// bidirectional (200, 32, 256) forward+backward. A buffer freed here goes back to a small
+// cache instead, and the next call of the same size writes into pages already mapped.
+// Buffers under 4 MB stay with at::empty: glibc's heap serves most of those from pages
+// already mapped, and the cache then holds only a few large buffers, which a linear search
+// handles.
+//
+// What the cache holds stays allocated (up to the limit below) until release_cached_buffers();
+// torch.profiler's memory view does not see it, and torch's fill of uninitialised memory
+// (torch.utils.deterministic.fill_uninitialized_memory) does not apply to it, which is safe
+// because backward reads only what forward wrote.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +27,8 @@ namespace cpu {
 // kMinCachedBytes come from at::empty as usual. The cache keeps at most
 // RNNEXT_CPU_CACHE_MB (a whole number, read at the first use; default 1024) megabytes of
 // freed buffers, dropping the oldest first; 0 turns it off. A failed allocation empties the
-// cache and tries once more.
+// cache and tries once more. A fork() waits for the cache's lock to be free, so the child
+// starts with it unlocked.
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Counters since the process started: buffers handed out from the cache, buffers newly

@@ -111,16 +111,16 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
 
 // Whether the directions of a bidirectional layer run at once, a thread each (BLAS called
 // from inside that parallel region runs single-threaded), or one after the other with every
-// thread. At once wins where it keeps every thread busy: on 2 threads, against one after the
-// other (2-layer, (200, 32, 256), best of 6, three alternating processes each), LSTM forward
-// 162-181 against 166-184 ms, forward+backward 547-558 against 563-634, GRU forward+backward
-// 418-438 against 511-529. With more threads than directions, at once would leave all but
-// two idle, so the directions take turns, each on all of them (as a unidirectional layer does).
-// RNNEXT_CPU_PARALLEL_DIRECTIONS=0 or 1 forces one way (the tests run both).
+// thread. At once wins where it keeps every thread busy (on 2 threads, GRU 2-layer
+// forward+backward about 20% faster, see docs/internals.md); with more threads than directions
+// it would leave all but two idle, so the directions take turns, each on all of them.
+// RNNEXT_CPU_PARALLEL_DIRECTIONS=0 or 1 forces one way (the tests run both); any other value
+// counts as unset.
 bool directions_at_once(int64_t directions) {
   if (directions == 1) return false;
   if (const char* env = std::getenv("RNNEXT_CPU_PARALLEL_DIRECTIONS")) {
-    return std::strcmp(env, "0") != 0;
+    if (std::strcmp(env, "0") == 0) return false;
+    if (std::strcmp(env, "1") == 0) return true;
   }
   return at::get_num_threads() <= directions;
 }

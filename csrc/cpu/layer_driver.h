@@ -240,9 +240,9 @@ void for_each_member_row(const TeamMember& m, bool by_rows, int64_t lo, int64_t 
   });
 }
 
-// Runs a step's pointwise pass f(b0, b1, b_step) over the rows [0, n): by rows, the member's
-// own rows in one call; otherwise shared out over torch's threads (inside a team's region
-// that is the calling member alone, on its own units).
+// Runs a step's pointwise pass f(b0, b1, b_step) over the rows [0, n): by rows, one call for
+// the member's own (strided) rows; otherwise one call per parallel_for chunk of contiguous
+// rows (inside a team's region that chunk is all n rows, on the member's own units).
 template <typename F>
 void run_pointwise(const TeamMember& m, bool by_rows, int64_t n, int64_t row_elems, const F& f) {
   if (by_rows) {
