@@ -230,13 +230,12 @@ def test_bidirectional_threads(mode, threads, at_once, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_threads_share_hidden_units(mode, threads, batch, dtype, monkeypatch):
     """CPU, H a multiple of the packed tile (32 floats, 16 doubles): the threads run a
-    direction's whole time loop
-    together, each on its own tiles of hidden units, meeting at a barrier per step; backward
-    they also share the columns of dx and of the weight gradients (packed products). Uneven
-    shares (3 tiles of units, an input tile and a partial one), several blocks of steps,
-    lengths, an output gradient with permuted strides (gathered by each thread for its
-    units), and 1 to 3 threads (3 on a 2-core machine: more threads than cores), at 5 and 24
-    rows."""
+    direction's whole time loop together, each on its own tiles of hidden units, meeting at a
+    barrier per step; backward they also share the columns of dx and of the weight gradients
+    (packed products). Uneven shares (3 tiles of units, an input tile and a partial one),
+    several blocks of steps, lengths, output gradients with permuted strides (gathered by
+    each thread for its units) and expanded ones (a value per step, a value per step and row),
+    and 1 to 3 threads (3 on a 2-core machine: more threads than cores), at 5 and 24 rows."""
     monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", "3")
     torch.manual_seed(8)
     T, B, I, H = 10, batch, 40, 96
@@ -249,15 +248,39 @@ def test_threads_share_hidden_units(mode, threads, batch, dtype, monkeypatch):
     def permuted_loss(output, h_n, c_n):
         return (output * grad_out.to(output.dtype)).sum() + h_n.sum()
 
+    # gradients that arrive expanded: one value per step, and one per step and row
+    expanded = [
+        torch.randn(T, 1, 1, dtype=dtype).expand(T, B, H),
+        torch.randn(T, B, 1, dtype=dtype).expand(T, B, H),
+    ]
+    expanded_losses = [
+        lambda output, h_n, c_n, grad=grad: GradientAs.apply(output, grad).sum()
+        for grad in expanded
+    ]
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         ragged = [10, 7, 7, 3, 1] if batch == 5 else [10] * 2 + [8] * 10 + [3] * 12
         for lengths in (None, torch.tensor(ragged)):
             assert_matches(mode, x, weights, h0, False, lengths)
-            assert_matches(mode, x, weights, h0, False, lengths, permuted_loss)
+            for loss in (permuted_loss, *expanded_losses):
+                assert_matches(mode, x, weights, h0, False, lengths, loss)
     finally:
         torch.set_num_threads(previous)
+
+
+class GradientAs(torch.autograd.Function):
+    """The identity, whose backward hands on the given gradient as it is (strides and all)."""
+
+    @staticmethod
+    def forward(ctx, tensor, grad):
+        ctx.grad = grad.to(tensor.dtype)  # (the float64 oracle's copy gets a cast one)
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.grad, None
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -584,10 +584,23 @@ void backward_direction(const BackwardParams<T>& p) {
         if (p.go_stride_j == 1) {
           go_t = base;
           ld_go = p.go_stride_b;
+        } else if (p.go_stride_j == 0 && p.go_stride_b == 0) {
+          // One value for the whole step (the gradient of output.sum(), expanded): a single
+          // row of it serves every row. Members by rows each fill a row of their own (by
+          // units, their own columns of row 0), so none writes what another reads.
+          T* row = p.go_rows + (by_rows ? m.first : 0) * P;
+          std::fill(row + state_cols.begin, row + state_cols.end, base[0]);
+          go_t = row;
+          ld_go = 0;
         } else {
           for_each_member_row(m, by_rows, 0, n, [&](int64_t b) {
+            T* row = p.go_rows + b * P;
+            if (p.go_stride_j == 0) {  // a value per row, expanded along the features
+              std::fill(row + state_cols.begin, row + state_cols.end, base[b * p.go_stride_b]);
+              return;
+            }
             for (int64_t j = state_cols.begin; j < state_cols.end; ++j) {
-              p.go_rows[b * P + j] = base[b * p.go_stride_b + j * p.go_stride_j];
+              row[j] = base[b * p.go_stride_b + j * p.go_stride_j];
             }
           });
           go_t = p.go_rows;
