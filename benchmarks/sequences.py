@@ -200,7 +200,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="repeats per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--memory-steps", type=int, default=100_000)
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=100_000,
+        help="T of the memory measurement (0 skips it)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--with-torch-memory", action="store_true")
     parser.add_argument("--out", default="bench-results")
@@ -212,10 +217,13 @@ def main() -> None:
         return
 
     T, B, H, low = (40, 8, 32, 10) if args.quick else (200, 32, 256, 50)
-    mem_T = 2000 if args.quick else args.memory_steps
-    for option in ("repeats", "rounds"):
+    mem_T = min(2000, args.memory_steps) if args.quick else args.memory_steps
+    for option in ("repeats", "rounds", "checkpoint_every"):
         if getattr(args, option) < 1:
-            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
+            flag = option.replace("_", "-")
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, option)}")
+    if args.memory_steps < 0:
+        parser.error(f"--memory-steps must be at least 0, got {args.memory_steps}")
     repeats, rounds = (2, 1) if args.quick else (args.repeats, args.rounds)
     # full float32 on both sides, as in the main benchmark (cuDNN would otherwise use TF32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -243,8 +251,9 @@ def main() -> None:
             f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
         )
     where = "GPU memory allocated" if args.device == "cuda" else "resident memory"
-    print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
-    for cell in ("LSTM", "GRU"):
+    if mem_T > 0:
+        print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
+    for cell in ("LSTM", "GRU") if mem_T > 0 else ():
         impls = [("rnnext", None), ("rnnext", args.checkpoint_every)]
         if args.with_torch_memory:
             impls.insert(0, ("torch.nn", None))
