@@ -584,10 +584,11 @@ void backward_direction(const BackwardParams<T>& p) {
         if (p.go_stride_j == 1) {
           go_t = base;
           ld_go = p.go_stride_b;
-        } else if (p.go_stride_j == 0 && p.go_stride_b == 0) {
-          // One value for the whole step (the gradient of output.sum(), expanded): a single
-          // row of it serves every row. Members by rows each fill a row of their own (by
-          // units, their own columns of row 0), so none writes what another reads.
+        } else if (p.go_stride_j == 0 && p.go_stride_b == 0 && n > 0 && P > 0) {
+          // One value for the whole step (the gradient of output.sum(), expanded; base[0]
+          // exists only where the step has rows): a single row of it serves every row. Members by
+          // rows each fill a row of their own (by units, their own columns of row 0), so none
+          // writes what another reads.
           T* row = p.go_rows + (by_rows ? m.first : 0) * P;
           std::fill(row + state_cols.begin, row + state_cols.end, base[0]);
           go_t = row;
