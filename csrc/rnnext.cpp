@@ -37,6 +37,9 @@ PyObject* translate_errors(const F& body) {
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "rnnext: unknown C++ exception");
+    return nullptr;
   }
 }
 

@@ -164,13 +164,13 @@ def test_cpu_workspace_cache(mode):
     assert functional.release_cpu_cache() == 0
 
 
-def run_with_cache_setting(value: str, stats_first: bool = False) -> subprocess.CompletedProcess:
+def run_with_cache_setting(value: str, first: str = "") -> subprocess.CompletedProcess:
     """A bidirectional LSTM forward+backward (a 5 MB workspace) in a fresh process with
-    RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters (before the layer runs, too,
-    with stats_first)."""
+    RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters; `first` is a statement run
+    before the layer."""
     script = (
         "import torch, rnnext\n"
-        + ("print(rnnext.functional.cpu_cache_stats())\n" if stats_first else "")
+        + (first + "\n" if first else "")
         + "m = rnnext.LSTM(128, 128, bidirectional=True)\n"
         "out, _ = m(torch.randn(64, 16, 128, requires_grad=True))\n"
         "out.sum().backward()\n"
@@ -188,11 +188,16 @@ def test_cpu_workspace_cache_off():
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "12MB"])
-@pytest.mark.parametrize("stats_first", [False, True], ids=["layer_first", "stats_first"])
-def test_cpu_workspace_cache_setting_checked(value, stats_first):
+@pytest.mark.parametrize(
+    "first",
+    ["", "rnnext.functional.cpu_cache_stats()", "rnnext.functional.release_cpu_cache()"],
+    ids=["layer_first", "stats_first", "release_first"],
+)
+def test_cpu_workspace_cache_setting_checked(value, first):
     """A setting that is not a whole number of megabytes is a Python RuntimeError that names
-    it, whether a layer or cpu_cache_stats() uses the cache first (never a crash)."""
-    result = run_with_cache_setting(value, stats_first)
+    it, whether a layer, cpu_cache_stats() or release_cpu_cache() uses the cache first (never
+    a crash)."""
+    result = run_with_cache_setting(value, first)
     assert result.returncode == 1, result.stderr
     assert "RuntimeError" in result.stderr
     assert "RNNEXT_CPU_CACHE_MB must be a whole number of megabytes" in result.stderr
@@ -215,7 +220,10 @@ def test_bidirectional_threads(mode, threads, at_once, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for batch, lengths in ((5, None), (24, torch.randint(0, T + 1, (24,)))):
+        # 5 rows: by units; 24 and 25: by rows, with all rows active (on 3 threads, one
+        # product per thread and block for 24, step by step for 25) and with lengths
+        cases = ((5, None), (24, None), (25, None), (24, torch.randint(0, T + 1, (24,))))
+        for batch, lengths in cases:
             x = torch.randn(T, batch, I, dtype=torch.float64, requires_grad=True)
             weights = layer_weights(mode, I, H, directions=2, dtype=torch.float64)
             h0 = torch.randn(2, batch, H, dtype=torch.float64, requires_grad=True)

@@ -11,7 +11,8 @@
 // What the cache holds stays allocated (up to the limit below) until release_cached_buffers();
 // torch.profiler's memory view does not see it, and torch's fill of uninitialised memory
 // (torch.utils.deterministic.fill_uninitialized_memory) does not apply to it, which is safe
-// because backward reads only what forward wrote.
+// because backward reads only the workspace entries that forward wrote, and the input
+// gradients are written whole before they are read.
 #pragma once
 
 #include <ATen/core/Tensor.h>

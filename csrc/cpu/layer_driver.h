@@ -130,8 +130,9 @@ struct ForwardParams : LayerDims<T> {
   const T* b_ih;    // [G*H] the input projection's bias: b_ih, plus b_hh when the cell sums
                     // its gates (Cell::kSumsGates); zeros without biases
   const T* b_hh;    // [G*H] (zeros without biases)
-  T* xg;            // [block_steps * B, G*H] scratch: the input projection of one block, compact;
-                    // with kSumsGates each step adds h W_hh^T to its rows
+  T* xg;            // [block_steps * B, G*H] scratch: the input projection of one block, compact
+                    // (padded in a team by rows); with kSumsGates each step adds h W_hh^T to
+                    // its rows
   T* output;        // [T, B, ldo], this direction's P columns
   T* h_n;           // [B, P]
   T* c_state;       // [B, H] in: c0; out: c_n (cells with a cell state)
@@ -175,8 +176,9 @@ RNNEXT_CPU_CLONES void forward_rows(const ForwardParams<T>& p, const T* xg_t, in
 // units' columns of every per-step product and their pointwise pass, and a step ends at a
 // barrier, since the next one reads all of h'. By batch rows: each member takes every column
 // of its rows (rows b with b % slots among its slots, so that the active prefix of a step
-// with lengths splits evenly); a row's steps read only that row, so steps need no barrier at
-// all, only blocks (their input-side GEMMs are still shared out by columns).
+// with lengths splits evenly); a row's steps read only that row, and each member projects
+// its own rows of the input, so forward needs no barrier at all; backward meets at blocks,
+// whose input and weight gradients are shared out by columns.
 struct TeamPlan {
   int64_t slots = 1;
   bool by_rows = false;
@@ -266,7 +268,7 @@ void forward_direction(const ForwardParams<T>& p) {
   const TeamPlan plan = team_plan(p);
   run_team(plan.slots, [&](const TeamMember& m) {
     const bool by_rows = plan.by_rows;
-    const Cols units = m.share(H, kPackedTile<T>);  // the block GEMMs' share, either way
+    const Cols units = m.share(H, kPackedTile<T>);  // the member's units, by units
     const Cols step_units = by_rows ? Cols{0, H} : units;
     int64_t block_first = 0, block_count = 0;
     bool project_steps = false;
@@ -604,7 +606,7 @@ void backward_direction(const BackwardParams<T>& p) {
         if (p.go_stride_j == 1) {
           go_t = base;
           ld_go = p.go_stride_b;
-        } else if (p.go_stride_j == 0 && p.go_stride_b == 0 && n > 0 && P > 0) {
+        } else if (p.go_stride_j == 0 && p.go_stride_b == 0 && n > 0) {
           // One value for the whole step (the gradient of output.sum(), expanded; base[0]
           // exists only where the step has rows): a single row of it serves every row. Members by
           // rows each fill a row of their own (by units, their own columns of row 0), so none
