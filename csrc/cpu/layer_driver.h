@@ -253,8 +253,8 @@ void run_pointwise(const TeamMember& m, bool by_rows, int64_t n, int64_t row_ele
     });
     return;
   }
-  at::parallel_for(0, n, pointwise_grain(row_elems),
-                   [&](int64_t b0, int64_t b1) { f(b0, b1, int64_t{1}); });
+  parallel_for_leaf(0, n, pointwise_grain(row_elems),
+                    [&](int64_t b0, int64_t b1) { f(b0, b1, int64_t{1}); });
 }
 
 // The forward time loop, one direction; a team member's part (TeamPlan). By units: its units'

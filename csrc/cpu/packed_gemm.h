@@ -92,7 +92,7 @@ void parallel_over_tiles(Cols cols, int64_t macs_per_tile, const F& tiles) {
   const int64_t count = (cols.size() + tile - 1) / tile;
   // at least ~64K multiply-adds per thread, or the hand-off costs more than it saves
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, macs_per_tile));
-  at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
+  parallel_for_leaf(0, count, grain, [&](int64_t t0, int64_t t1) {
     tiles(cols.begin + t0 * tile, std::min(cols.end, cols.begin + t1 * tile));
   });
 }
@@ -110,14 +110,14 @@ void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t l
 // Adds bias [N] to every row of rows [M, N] (row stride ld).
 template <typename T>
 void add_rows(T* rows, int64_t M, int64_t N, int64_t ld, const T* bias) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       T* row = rows + r * ld;
+  parallel_for_leaf(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                    [&](int64_t r0, int64_t r1) {
+                      for (int64_t r = r0; r < r1; ++r) {
+                        T* row = rows + r * ld;
 #pragma omp simd
-                       for (int64_t j = 0; j < N; ++j) row[j] += bias[j];
-                     }
-                   });
+                        for (int64_t j = 0; j < N; ++j) row[j] += bias[j];
+                      }
+                    });
 }
 
 // Rows of A per chunk of a packed product: about 512 KB of A (in float), which stays in cache

@@ -75,6 +75,19 @@ struct TeamMember {
   Cols share_items(int64_t count) const { return {first * count / slots, last * count / slots}; }
 };
 
+// at::parallel_for for a body that starts no parallel work of its own (a pointwise pass, a
+// GEMM tile range). A range under one grain runs here directly, where at::parallel_for would
+// also run it on this thread but after setting up a parallel region's thread state, each
+// time: a few percent of a batch-1 step, whose GEMM and pass are each one small range.
+template <typename F>
+void parallel_for_leaf(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  if (end - begin < grain) {
+    if (end > begin) body(begin, end);
+    return;
+  }
+  at::parallel_for(begin, end, grain, body);
+}
+
 // Runs body(member) on a team of `slots` members at once, one per thread of torch's pool, or
 // on one member alone where no team can form: slots <= 1, one thread, inside another parallel
 // region (the directions of a bidirectional layer), or a thread pool that does not run a
