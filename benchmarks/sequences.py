@@ -251,9 +251,10 @@ def main() -> None:
             f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
         )
     where = "GPU memory allocated" if args.device == "cuda" else "resident memory"
-    if mem_T > 0:
+    cells = ("LSTM", "GRU") if mem_T > 0 else ()  # --memory-steps 0 skips the measurement
+    if cells:
         print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
-    for cell in ("LSTM", "GRU") if mem_T > 0 else ():
+    for cell in cells:
         impls = [("rnnext", None), ("rnnext", args.checkpoint_every)]
         if args.with_torch_memory:
             impls.insert(0, ("torch.nn", None))

@@ -270,47 +270,43 @@ void forward_direction(const ForwardParams<T>& p) {
     const bool by_rows = plan.by_rows;
     const Cols units = m.share(H, kPackedTile<T>);  // the member's units, by units
     const Cols step_units = by_rows ? Cols{0, H} : units;
+    // xg = x W_ih^T + b_ih. Alone or by units, for the active rows of a block of steps at
+    // once, by columns (by units each member reads back only its own columns). By rows, each
+    // member projects its own rows, so the members never wait for one another: sharing a
+    // block's columns cost two barriers per block, where any drift between the threads was
+    // paid as waiting. A member's rows of a block are its rows of the padded block where every
+    // row is active and the slots divide the batch (one product per slot); otherwise it
+    // projects them step by step. (Padded, since with compact rows a member's rows of one
+    // block would overlap another member's of the block before, which may still be read.)
+    const bool rows_own_projection = by_rows && !m.alone();
+    const auto project_own_rows = [&](const T* x_rows, T* xg_rows, int64_t rows) {
+      for_member_rows(m, true, 0, rows, [&](int64_t b, int64_t count, int64_t stride) {
+        weight_gemm<T>(count, GH, p.inputs, x_rows + b * p.inputs, stride * p.inputs, p.ih, T(0),
+                       xg_rows + b * GH, stride * GH, p.b_ih);
+      });
+    };
     int64_t block_first = 0, block_count = 0;
-    bool project_steps = false;
+    const auto whole_block_owned = [&] {
+      return p.all_active(block_first, block_count) && B % m.slots == 0;
+    };
     for (int64_t s = 0; s < p.steps; ++s) {
       const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
-      // xg = x W_ih^T + b_ih. Alone or by units, for the active rows of a block of steps at
-      // once, by columns (by units each member reads back only its own columns). By rows,
-      // each member projects its own rows, so the members never wait for one another:
-      // sharing a block's columns cost two barriers per block, where any drift between the
-      // threads was paid as waiting. Its rows of a block are evenly spaced where every row is
-      // active and the slots divide the batch (one product per slot); otherwise it projects
-      // them step by step.
-      const bool rows_own_projection = by_rows && !m.alone();
       if (s % p.block_steps == 0) {
         p.block_of(s, block_first, block_count);
-        project_steps = false;
         if (!rows_own_projection) {
           for_gate_cols(m, false, p.gates, H, units, [&](Cols cols) {
             block_rows_gemm<T>(p, block_first, block_count, GH, p.inputs,
                                p.x + block_first * B * p.inputs, p.inputs, /*a_compact=*/false,
                                p.ih, T(0), p.xg, GH, /*c_compact=*/true, p.b_ih, cols);
           });
-        } else if (p.all_active(block_first, block_count) && B % m.slots == 0) {
-          const int64_t S = m.slots;
-          for (int64_t q = m.first; q < m.last; ++q) {
-            weight_gemm<T>(block_count * B / S, GH, p.inputs,
-                           p.x + (block_first * B + q) * p.inputs, S * p.inputs, p.ih, T(0),
-                           p.xg + q * GH, S * GH, p.b_ih);
-          }
-        } else {
-          project_steps = true;
+        } else if (whole_block_owned()) {
+          project_own_rows(p.x + block_first * B * p.inputs, p.xg, block_count * B);
         }
       }
-      // (by rows, padded: with compact rows a member's rows of one block would overlap
-      // another member's of the block before, which that member may still be reading)
       T* xg_t =
           p.xg + (rows_own_projection ? (t - block_first) * B : p.compact_row(t, block_first)) * GH;
-      if (project_steps) {
-        for_member_rows(m, true, 0, n, [&](int64_t b, int64_t count, int64_t stride) {
-          weight_gemm<T>(count, GH, p.inputs, p.x + (t * B + b) * p.inputs, stride * p.inputs, p.ih,
-                         T(0), xg_t + b * GH, stride * GH, p.b_ih);
-        });
+      if (rows_own_projection && !whole_block_owned()) {
+        project_own_rows(p.x + t * B * p.inputs, xg_t, n);
       }
       const T* h_cont = n_cont > 0 ? p.output + p.previous(t) * B * p.ldo : nullptr;
       T* h_out = p.output + t * B * p.ldo;
