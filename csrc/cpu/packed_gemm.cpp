@@ -46,7 +46,22 @@ inline __attribute__((always_inline)) void tile(int64_t K, const T* A, int64_t l
   constexpr int64_t L = Vec<T>::kLanes;
   V lo[MB], hi[MB];
   for (int i = 0; i < MB; ++i) lo[i] = hi[i] = V{};
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  if constexpr (MB == 1) {
+    // One row has only two chains of dependent FMAs, each waiting out the FMA latency: odd k
+    // go to a second pair of accumulators (a batch of one runs every step through here).
+    V lo_odd = V{}, hi_odd = V{};
+    for (; k + 2 <= K; k += 2) {
+      const T a0 = A[k * (kTransA ? lda : 1)], a1 = A[(k + 1) * (kTransA ? lda : 1)];
+      lo[0] += a0 * load(R + k * ldr);
+      hi[0] += a0 * load(R + k * ldr + L);
+      lo_odd += a1 * load(R + (k + 1) * ldr);
+      hi_odd += a1 * load(R + (k + 1) * ldr + L);
+    }
+    lo[0] += lo_odd;
+    hi[0] += hi_odd;
+  }
+  for (; k < K; ++k) {
     const V r_lo = load(R + k * ldr), r_hi = load(R + k * ldr + L);
     for (int i = 0; i < MB; ++i) {
       const T a = kTransA ? A[k * lda + i] : A[i * lda + k];
