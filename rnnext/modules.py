@@ -167,6 +167,8 @@ class _FusedRNNBase(nn.RNNBase):
                 # torch.nn's place for dropout: between layers, in training only
                 output = F.dropout(output, self.dropout, training=True)
             input = output
+        if self.num_layers == 1:  # a copy (and its backward node) saved
+            return input, h_n[0], c_n[0] if self.mode == "LSTM" else input.new_empty(0)
         c_out = torch.cat(c_n) if self.mode == "LSTM" else input.new_empty(0)
         return input, torch.cat(h_n), c_out
 
