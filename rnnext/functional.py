@@ -52,11 +52,12 @@ def recurrent_layer(
             there, and nothing past the end receives a gradient. Padding must be finite.
         lengths_sorted: promise that ``lengths`` is sorted longest first, which saves the
             reordering of the batch that the kernels otherwise need.
-        checkpoint_every: bounded memory for long sequences (unidirectional layers): keep
-            only the state every ``checkpoint_every`` steps during forward and recompute the
-            steps in between during backward. Backward then holds one segment's intermediate
-            values instead of the whole sequence's, for a second forward pass in time.
-            Gradients are the same as without it.
+        checkpoint_every: bounded memory for long sequences: keep only the state every
+            ``checkpoint_every`` steps during forward and recompute the steps in between during
+            backward. Backward then holds one segment's intermediate values instead of the
+            whole sequence's, for a second forward pass in time. Gradients are the same as
+            without it. A bidirectional layer then runs its two directions one after the
+            other (the reverse one over a reversed copy of the input), not at once.
 
     Returns:
         ``output [T, B, D*P]``, ``h_n [D, B, P]`` and ``c_n [D, B, H]`` (LSTM; an empty tensor
@@ -87,8 +88,6 @@ def recurrent_layer(
             raise ValueError(
                 f"rnnext: checkpoint_every must be a positive int or None, got {checkpoint_every!r}"
             )
-        if bidirectional:
-            raise ValueError("rnnext: checkpoint_every needs a unidirectional layer")
     order = None
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
@@ -107,8 +106,8 @@ def recurrent_layer(
                 "torch.export or torch.compile, which keep gradients"
             )
         if checkpoint_every is not None:
-            output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
-                mode, has_biases, lengths, checkpoint_every, input, hx, cx, *weights
+            output, h_n, c_n = _checkpointed_layer(
+                mode, input, weights, hx, cx, has_biases, bidirectional, lengths, checkpoint_every
             )
         else:
             output, h_n, c_n, _ = LayerFunction.apply(
@@ -123,6 +122,72 @@ def recurrent_layer(
     if half_on_cpu:
         output, h_n, c_n = output.to(half), h_n.to(half), c_n.to(half)
     return output, h_n, c_n
+
+
+def _checkpointed_layer(
+    mode: str,
+    input: Tensor,
+    weights: Sequence[Tensor],
+    hx: Tensor | None,
+    cx: Tensor | None,
+    has_biases: bool,
+    bidirectional: bool,
+    lengths: Tensor | None,
+    every: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer with checkpoint_every, on a batch sorted longest first. A bidirectional layer runs
+    its directions one after the other: the reverse one as a forward pass over each sequence
+    reversed within its own length, since its segments must be recomputed from the end."""
+    if not bidirectional:
+        output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
+            mode, has_biases, lengths, every, input, hx, cx, *weights
+        )
+        return output, h_n, c_n
+    half = len(weights) // 2
+
+    def direction(d: int) -> tuple[Tensor, Tensor, Tensor]:
+        # (a function, so that the reversed output it makes dies on return)
+        h0 = hx[d : d + 1] if hx is not None else None
+        c0 = cx[d : d + 1] if cx is not None else None
+        x = reverse_in_time(input, lengths) if d == 1 else input
+        output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
+            mode, has_biases, lengths, every, x, h0, c0, *weights[d * half : (d + 1) * half]
+        )
+        return (reverse_in_time(output, lengths) if d == 1 else output), h_n, c_n
+
+    (out_f, h_f, c_f), (out_r, h_r, c_r) = direction(0), direction(1)
+    c_n = torch.cat([c_f, c_r]) if mode == "LSTM" else c_f
+    return torch.cat([out_f, out_r], dim=2), torch.cat([h_f, h_r]), c_n
+
+
+def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """x [T, B, F] with each sequence's steps in reverse order: step t of row b becomes step
+    lengths[b] - 1 - t; steps past a row's length stay where they are. Its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    steps = torch.arange(x.shape[0], device=x.device)[:, None]
+    ends = lengths.to(x.device)[None, :]
+    source = torch.where(steps < ends, ends - 1 - steps, steps)
+    return _Involution.apply(x, source[:, :, None].expand(x.shape))
+
+
+class _Involution(torch.autograd.Function):
+    """x.gather(0, index) for an index that is its own inverse permutation along dimension 0:
+    the gradient goes back through the same gather, where gather's own backward would
+    scatter it into a tensor of zeros, a second buffer of x's size."""
+
+    @staticmethod
+    def forward(x, index):
+        return x.gather(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.gather(0, index), None
 
 
 def longest_first_order(lengths: Tensor) -> Tensor | None:

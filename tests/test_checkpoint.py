@@ -11,21 +11,30 @@ from rnnext import functional
 
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 3)], ids=str)
 @pytest.mark.parametrize("every", [1, 4, 11, 100])
-@pytest.mark.parametrize("lengths", [None, [11, 2, 7, 0]], ids=["full", "lengths"])
-def test_recompute_gives_the_same_gradients(mode, proj, every, lengths):
+@pytest.mark.parametrize("lengths", [None, [11, 2, 7, 0], [3, 11, 0, 8]], ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_recompute_gives_the_same_gradients(mode, proj, every, lengths, bidirectional):
     torch.manual_seed(0)
     T, B, I, H = 11, 4, 3, 5
+    D = 2 if bidirectional else 1
     opts = dict(dtype=torch.float64)
     x = torch.randn(T, B, I, **opts, requires_grad=True)
-    weights = layer_weights(mode, I, H, proj=proj)
-    h0 = torch.randn(1, B, proj or H, **opts, requires_grad=True)
-    c0 = torch.randn(1, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
+    weights = layer_weights(mode, I, H, proj=proj, directions=D)
+    h0 = torch.randn(D, B, proj or H, **opts, requires_grad=True)
+    c0 = torch.randn(D, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
     lengths = torch.tensor(lengths) if lengths is not None else None
     inputs = [t for t in (x, h0, c0, *weights) if t is not None]
     results = []
     for checkpoint_every in (None, every):
         out = functional.recurrent_layer(
-            mode, x, weights, h0, c0, lengths=lengths, checkpoint_every=checkpoint_every
+            mode,
+            x,
+            weights,
+            h0,
+            c0,
+            bidirectional=bidirectional,
+            lengths=lengths,
+            checkpoint_every=checkpoint_every,
         )
         results.append(list(out) + list(torch.autograd.grad(weighted_loss(*out), inputs)))
     for a, b in zip(*results):
@@ -33,10 +42,12 @@ def test_recompute_gives_the_same_gradients(mode, proj, every, lengths):
 
 
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
-def test_module_option(mode):
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_module_option(mode, bidirectional):
     torch.manual_seed(1)
-    plain = make_module(mode, 3, 4, nn=False, num_layers=2).double()
-    bounded = make_module(mode, 3, 4, nn=False, num_layers=2, checkpoint_every=3).double()
+    opts = dict(nn=False, num_layers=2, bidirectional=bidirectional)
+    plain = make_module(mode, 3, 4, **opts).double()
+    bounded = make_module(mode, 3, 4, **opts, checkpoint_every=3).double()
     bounded.load_state_dict(plain.state_dict())
     assert "checkpoint_every=3" in repr(bounded)
     x = torch.randn(10, 2, 3, dtype=torch.float64)
@@ -53,6 +64,3 @@ def test_bad_values():
     weights = layer_weights("GRU", 3, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int or None, got 0"):
         functional.recurrent_layer("GRU", x, weights, checkpoint_every=0)
-    weights = layer_weights("GRU", 3, 4, directions=2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="checkpoint_every needs a unidirectional layer"):
-        functional.recurrent_layer("GRU", x, weights, bidirectional=True, checkpoint_every=2)

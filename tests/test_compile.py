@@ -25,3 +25,26 @@ def test_compile_fullgraph_matches_eager(mode, device):
     got = torch.autograd.grad(weighted_loss(*compiled(x)), params)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_compile_checkpointed_with_lengths(bidirectional, device):
+    """checkpoint_every (a bidirectional layer's reverse direction over reversed sequences)
+    and lengths also trace as one graph."""
+    torch.manual_seed(0)
+    module = make_module("LSTM", 3, 4, nn=False, bidirectional=bidirectional, checkpoint_every=2)
+    module = module.to(device=device, dtype=torch.float64)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    lengths = torch.tensor([3, 5, 1])
+
+    def step(x):
+        output, (h_n, c_n) = module(x, lengths=lengths)
+        return output, h_n, c_n
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    params = [x, *module.parameters()]
+    expected = torch.autograd.grad(weighted_loss(*step(x)), params)
+    got = torch.autograd.grad(weighted_loss(*compiled(x)), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

@@ -75,8 +75,10 @@ def test_gradgradcheck(mode, variant, device):
 
 
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
-def test_gradgradcheck_checkpointed(mode):
-    layer, inputs = _layer_and_inputs(mode, dict(lengths=[3, 1, 2]), "cpu", checkpoint_every=2)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_gradgradcheck_checkpointed(mode, bidirectional):
+    variant = dict(lengths=[3, 1, 2], bidirectional=bidirectional)
+    layer, inputs = _layer_and_inputs(mode, variant, "cpu", checkpoint_every=2)
     assert torch.autograd.gradgradcheck(layer, inputs)
 
 

@@ -86,7 +86,7 @@ def module_cases(draw):
         bias=draw(st.booleans()),
         proj=draw(st.integers(0, 1)) if mode == "LSTM" else 0,
         lengths=draw(st.none() | st.lists(st.integers(1, T), min_size=B, max_size=B)),
-        checkpoint_every=None if bidirectional else draw(st.none() | st.integers(1, 3)),
+        checkpoint_every=draw(st.none() | st.integers(1, 3)),
         seed=draw(st.integers(0, 2**16)),
     )
 
