@@ -42,10 +42,17 @@ class TruncatedBPTT:
     first call (and the first after :meth:`reset`) starts from the module's default zero state.
 
     Args:
-        module: an rnnext or torch.nn RNN, GRU or LSTM (any module with their call signature).
+        module: an rnnext or torch.nn RNN, GRU or LSTM (any module with their call signature),
+            unidirectional: a bidirectional layer's reverse direction would start again at the
+            end of every chunk, so chunks could not add up to one call.
     """
 
     def __init__(self, module: nn.Module):
+        if getattr(module, "bidirectional", False):
+            raise ValueError(
+                "TruncatedBPTT: module must be unidirectional (a bidirectional layer's reverse "
+                "direction needs the whole sequence), got bidirectional=True"
+            )
         self.module = module
         self.state: Tensor | tuple[Tensor, Tensor] | None = None
 

@@ -44,6 +44,11 @@ def test_truncated_bptt_carries_state_and_cuts_gradient():
     torch.testing.assert_close(runner(second), lstm(second)[0])
 
 
+def test_bidirectional_module_refused():
+    with pytest.raises(ValueError, match="module must be unidirectional"):
+        rnnext.TruncatedBPTT(rnnext.GRU(2, 3, bidirectional=True))
+
+
 def test_split_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         next(rnnext.TruncatedBPTT.split(torch.zeros(3, 2), 0))
