@@ -9,11 +9,13 @@ Two measurements, each in its own section of the output and of the JSON file:
   --repeats (5) repeats, GRU and LSTM taking turns.
 * memory: peak memory and time of one forward+backward of ``output.sum()`` at (T=100000,
   B=8, I=H=256): rnnext by default and with ``checkpoint_every``, and torch.nn with
-  --with-torch-memory (on the CPU it needs about 14 GB and takes minutes). On the CPU the
-  peak resident memory (ru_maxrss) of a fresh process per configuration; with
-  ``--device cuda`` the peak of GPU memory allocated by torch (in-process).
+  --with-torch-memory (on the CPU it needs about 14 GB and takes minutes), and a
+  bidirectional LSTM too with --bidirectional. On the CPU the peak resident memory
+  (ru_maxrss) of a fresh process per configuration; with ``--device cuda`` the peak of GPU
+  memory allocated by torch (in-process).
 
-    python benchmarks/sequences.py [--device cuda] [--quick] [--with-torch-memory] [--out DIR]
+    python benchmarks/sequences.py [--device cuda] [--quick] [--with-torch-memory]
+        [--bidirectional] [--out DIR]
 """
 
 from __future__ import annotations
@@ -144,12 +146,21 @@ def lengths_cases(
     ]
 
 
-def memory_child(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> None:
-    """Runs in a fresh process: one forward+backward, then prints peak RSS and time as JSON."""
-    torch.manual_seed(0)
+def memory_module(cell: str, impl: str, H: int, every: int | None, bidirectional: bool):
     lib = torch.nn if impl == "torch.nn" else rnnext
     kwargs = {} if impl == "torch.nn" else {"checkpoint_every": every}
-    module = getattr(lib, cell)(H, H, **kwargs)
+    return getattr(lib, cell)(H, H, bidirectional=bidirectional, **kwargs)
+
+
+def memory_row(cell, impl, T, B, H, every, bidirectional) -> dict:
+    mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
+    return dict(cell=cell, impl=impl, mode=mode, T=T, B=B, H=H, bidirectional=bidirectional)
+
+
+def memory_child(cell: str, impl: str, T: int, B: int, H: int, every, bidirectional) -> None:
+    """Runs in a fresh process: one forward+backward, then prints peak RSS and time as JSON."""
+    torch.manual_seed(0)
+    module = memory_module(cell, impl, H, every, bidirectional)
     x = torch.randn(T, B, H, requires_grad=True)
     start = time.perf_counter()
     output, _ = module(x)
@@ -159,17 +170,14 @@ def memory_child(cell: str, impl: str, T: int, B: int, H: int, every: int | None
     print(json.dumps({"peak_gb": peak_kib * 1024 / 1e9, "seconds": seconds}))
 
 
-def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:
+def cuda_memory_case(cell, impl, T, B, H, every, bidirectional) -> dict:
     """Peak GPU memory allocated by torch during one forward+backward, and its time."""
     torch.manual_seed(0)
-    lib = torch.nn if impl == "torch.nn" else rnnext
-    kwargs = {} if impl == "torch.nn" else {"checkpoint_every": every}
-    module = getattr(lib, cell)(H, H, **kwargs).cuda()
+    module = memory_module(cell, impl, H, every, bidirectional).cuda()
     x = torch.randn(T, B, H, device="cuda", requires_grad=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
-    row = {"cell": cell, "impl": impl, "mode": mode, "T": T, "B": B, "H": H, "device": "cuda"}
+    row = {**memory_row(cell, impl, T, B, H, every, bidirectional), "device": "cuda"}
     start = time.perf_counter()
     try:
         output, _ = module(x)
@@ -183,13 +191,12 @@ def cuda_memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | 
     return {**row, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "seconds": seconds}
 
 
-def memory_case(cell: str, impl: str, T: int, B: int, H: int, every: int | None) -> dict:
+def memory_case(cell, impl, T, B, H, every, bidirectional) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", cell, impl, str(T), str(B), str(H)]
-    cmd += [str(every or 0)]
+    cmd += [str(every or 0), str(int(bidirectional))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    mode = "default" if impl == "torch.nn" or not every else f"checkpoint_every={every}"
-    return {"cell": cell, "impl": impl, "mode": mode, "T": T, "B": B, "H": H, **result}
+    return {**memory_row(cell, impl, T, B, H, every, bidirectional), **result}
 
 
 def main() -> None:
@@ -208,12 +215,17 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--with-torch-memory", action="store_true")
+    parser.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="also measure the memory of a bidirectional LSTM",
+    )
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        cell, impl, T, B, H, every = args.memory_child
-        memory_child(cell, impl, int(T), int(B), int(H), int(every) or None)
+        cell, impl, T, B, H, every, bidirectional = args.memory_child
+        memory_child(cell, impl, int(T), int(B), int(H), int(every) or None, bidirectional == "1")
         return
 
     T, B, H, low = (40, 8, 32, 10) if args.quick else (200, 32, 256, 50)
@@ -251,22 +263,25 @@ def main() -> None:
             f"ratio packed/lengths {row['ratio_packed_over_lengths']:.2f}"
         )
     where = "GPU memory allocated" if args.device == "cuda" else "resident memory"
-    cells = ("LSTM", "GRU") if mem_T > 0 else ()  # --memory-steps 0 skips the measurement
-    if cells:
+    layers = [("LSTM", False), ("GRU", False)] + ([("LSTM", True)] if args.bidirectional else [])
+    if mem_T == 0:  # --memory-steps 0 skips the measurement
+        layers = []
+    if layers:
         print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
-    for cell in cells:
+    for cell, bidirectional in layers:
         impls = [("rnnext", None), ("rnnext", args.checkpoint_every)]
         if args.with_torch_memory:
             impls.insert(0, ("torch.nn", None))
+        name = f"{cell} bi" if bidirectional else cell
         for impl, every in impls:
             measure = cuda_memory_case if args.device == "cuda" else memory_case
-            row = measure(cell, impl, mem_T, 8, 256, every)
+            row = measure(cell, impl, mem_T, 8, 256, every, bidirectional)
             report["memory"].append(row)
             if row.get("error"):
-                print(f"  {cell:4}  {impl:8} {row['mode']:22} failed: {row['error']}")
+                print(f"  {name:7}  {impl:8} {row['mode']:22} failed: {row['error']}")
                 continue
             print(
-                f"  {cell:4}  {impl:8} {row['mode']:22} peak {row['peak_gb']:6.2f} GB  "
+                f"  {name:7}  {impl:8} {row['mode']:22} peak {row['peak_gb']:6.2f} GB  "
                 f"time {row['seconds']:7.2f} s"
             )
     out = Path(args.out)
