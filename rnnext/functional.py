@@ -105,7 +105,7 @@ def recurrent_layer(
                 "torch.no_grad() (the graph then calls torch.ops.rnnext.layer_forward), or use "
                 "torch.export or torch.compile, which keep gradients"
             )
-        if checkpoint_every is not None:
+        if checkpoint_every is not None and input.shape[0] > 0:  # (T = 0: the op's error)
             output, h_n, c_n = _checkpointed_layer(
                 mode, input, weights, hx, cx, has_biases, bidirectional, lengths, checkpoint_every
             )

@@ -64,3 +64,15 @@ def test_bad_values():
     weights = layer_weights("GRU", 3, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int or None, got 0"):
         functional.recurrent_layer("GRU", x, weights, checkpoint_every=0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_no_time_steps(bidirectional):
+    """An input of T = 0 gets the op's error, as without checkpoints (the segment loop would
+    otherwise run no segment and return nothing)."""
+    weights = layer_weights("GRU", 3, 4, directions=2 if bidirectional else 1)
+    x = torch.randn(0, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="input must have at least one time step"):
+        functional.recurrent_layer(
+            "GRU", x, weights, bidirectional=bidirectional, checkpoint_every=2
+        )
