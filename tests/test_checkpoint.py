@@ -43,17 +43,19 @@ def test_recompute_gives_the_same_gradients(mode, proj, every, lengths, bidirect
 
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_module_option(mode, bidirectional):
+def test_module_option(mode, bidirectional, device):
     torch.manual_seed(1)
     opts = dict(nn=False, num_layers=2, bidirectional=bidirectional)
-    plain = make_module(mode, 3, 4, **opts).double()
-    bounded = make_module(mode, 3, 4, **opts, checkpoint_every=3).double()
+    plain = make_module(mode, 3, 4, **opts).to(device, torch.float64)
+    bounded = make_module(mode, 3, 4, **opts, checkpoint_every=3).to(device, torch.float64)
     bounded.load_state_dict(plain.state_dict())
     assert "checkpoint_every=3" in repr(bounded)
-    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    x = torch.randn(10, 3, 3, dtype=torch.float64, device=device)
+    lengths = torch.tensor([10, 4, 7])  # unsorted: the reverse direction starts at each end
     grads = []
     for module in (plain, bounded):
-        loss = weighted_loss(*(flat(module(x)) + ([] if mode == "LSTM" else [x.new_zeros(0)])))
+        out = flat(module(x, lengths=lengths))
+        loss = weighted_loss(*(out + ([] if mode == "LSTM" else [x.new_zeros(0)])))
         grads.append(torch.autograd.grad(loss, list(module.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
