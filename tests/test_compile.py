@@ -7,6 +7,18 @@ import torch
 from conftest import MODES, make_module, weighted_loss
 
 
+def assert_compiled_matches_eager(step, x, module):
+    """step(x) -> (output, h_n, c_n), compiled as one graph, gives eager's gradients of x and
+    of the module's parameters."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    params = [x, *module.parameters()]
+    expected = torch.autograd.grad(weighted_loss(*step(x)), params)
+    got = torch.autograd.grad(weighted_loss(*compiled(x)), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_fullgraph_matches_eager(mode, device):
     torch.manual_seed(0)
@@ -18,13 +30,7 @@ def test_compile_fullgraph_matches_eager(mode, device):
         h_n, c_n = hidden if mode == "LSTM" else (hidden, output.new_zeros(0))
         return output, h_n, c_n
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    params = [x, *module.parameters()]
-    expected = torch.autograd.grad(weighted_loss(*step(x)), params)
-    got = torch.autograd.grad(weighted_loss(*compiled(x)), params)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, x, module)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -41,10 +47,4 @@ def test_compile_checkpointed_with_lengths(bidirectional, device):
         output, (h_n, c_n) = module(x, lengths=lengths)
         return output, h_n, c_n
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    params = [x, *module.parameters()]
-    expected = torch.autograd.grad(weighted_loss(*step(x)), params)
-    got = torch.autograd.grad(weighted_loss(*compiled(x)), params)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, x, module)
