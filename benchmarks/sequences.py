@@ -264,8 +264,7 @@ def main() -> None:
         )
     where = "GPU memory allocated" if args.device == "cuda" else "resident memory"
     layers = [("LSTM", False), ("GRU", False)] + ([("LSTM", True)] if args.bidirectional else [])
-    if mem_T == 0:  # --memory-steps 0 skips the measurement
-        layers = []
+    layers = layers if mem_T > 0 else []  # --memory-steps 0 skips the measurement
     if layers:
         print(f"peak {where} and time of forward+backward at T={mem_T}, B=8, I=H=256")
     for cell, bidirectional in layers:

@@ -138,12 +138,8 @@ def _checkpointed_layer(
     """A layer with checkpoint_every, on a batch sorted longest first. A bidirectional layer runs
     its directions one after the other: the reverse one as a forward pass over each sequence
     reversed within its own length, since its segments must be recomputed from the end."""
-    if not bidirectional:
-        output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
-            mode, has_biases, lengths, every, input, hx, cx, *weights
-        )
-        return output, h_n, c_n
-    half = len(weights) // 2
+    directions = 2 if bidirectional else 1
+    per_direction = len(weights) // directions
 
     def direction(d: int) -> tuple[Tensor, Tensor, Tensor]:
         # (a function, so that the reversed output it makes dies on return)
@@ -151,10 +147,19 @@ def _checkpointed_layer(
         c0 = cx[d : d + 1] if cx is not None else None
         x = reverse_in_time(input, lengths) if d == 1 else input
         output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
-            mode, has_biases, lengths, every, x, h0, c0, *weights[d * half : (d + 1) * half]
+            mode,
+            has_biases,
+            lengths,
+            every,
+            x,
+            h0,
+            c0,
+            *weights[d * per_direction : (d + 1) * per_direction],
         )
         return (reverse_in_time(output, lengths) if d == 1 else output), h_n, c_n
 
+    if not bidirectional:
+        return direction(0)
     (out_f, h_f, c_f), (out_r, h_r, c_r) = direction(0), direction(1)
     c_n = torch.cat([c_f, c_r]) if mode == "LSTM" else c_f
     return torch.cat([out_f, out_r], dim=2), torch.cat([h_f, h_r]), c_n

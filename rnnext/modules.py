@@ -167,10 +167,14 @@ class _FusedRNNBase(nn.RNNBase):
                 # torch.nn's place for dropout: between layers, in training only
                 output = F.dropout(output, self.dropout, training=True)
             input = output
-        if self.num_layers == 1:  # a copy (and its backward node) saved
-            return input, h_n[0], c_n[0] if self.mode == "LSTM" else input.new_empty(0)
-        c_out = torch.cat(c_n) if self.mode == "LSTM" else input.new_empty(0)
-        return input, torch.cat(h_n), c_out
+        c_out = _join_layers(c_n) if self.mode == "LSTM" else input.new_empty(0)
+        return input, _join_layers(h_n), c_out
+
+
+def _join_layers(states: list[Tensor]) -> Tensor:
+    """The layers' final states [D, B, *] as one [L*D, B, *]: a single layer's as it is (a
+    torch.cat of one tensor would copy it and add a backward node)."""
+    return states[0] if len(states) == 1 else torch.cat(states)
 
 
 class RNN(_FusedRNNBase):
