@@ -74,12 +74,16 @@ def _cublas_include_args() -> list[str]:
 
 
 def _cublas_link_args() -> list[str]:
-    """Links cuBLAS by path when a wheel provides it (libtorch_cuda loads the same library)."""
+    """Links cuBLAS and cuBLASLt by path when a wheel provides them (libtorch_cuda loads the
+    same libraries)."""
     for folder in _nvidia_wheel_dirs("lib"):
-        libraries = sorted(glob.glob(os.path.join(folder, "libcublas.so*")))
-        if libraries:
-            return [libraries[0]]
-    return ["-lcublas"]
+        libraries = [
+            sorted(glob.glob(os.path.join(folder, f"{name}.so*")))
+            for name in ("libcublas", "libcublasLt")
+        ]
+        if all(libraries):
+            return [found[0] for found in libraries]
+    return ["-lcublas", "-lcublasLt"]
 
 
 def _extension():

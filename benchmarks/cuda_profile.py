@@ -28,6 +28,16 @@ def forward_backward(module, x, hx):
     loss.backward()
 
 
+def gpu_kernels(call):
+    """The CUDA kernels that one call() runs, from a profile: their events (one per kernel
+    name), their summed GPU time in microseconds and their launch count."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return kernels, sum(e.self_device_time_total for e in kernels), sum(e.count for e in kernels)
+
+
 def report(name, module, x, hx):
     for _ in range(3):
         forward_backward(module, x, hx)
@@ -37,12 +47,7 @@ def report(name, module, x, hx):
         forward_backward(module, x, hx)
     torch.cuda.synchronize()
     wall_us = (time.perf_counter() - start) / CALLS * 1e6
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        forward_backward(module, x, hx)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    busy_us = sum(e.self_device_time_total for e in kernels)
-    launches = sum(e.count for e in kernels)
+    kernels, busy_us, launches = gpu_kernels(lambda: forward_backward(module, x, hx))
     print(f"  {name:14s} wall {wall_us:8.0f} us   kernels {busy_us:8.0f} us in {launches} launches")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:4]:
         share = e.self_device_time_total / max(busy_us, 1e-9)

@@ -2,11 +2,12 @@
 # One-shot check on a machine with an NVIDIA GPU, using only what is installed there (no
 # network): build rnnext with its CUDA part, run the CUDA tests, run compute-sanitizer
 # memcheck on a small forward+backward of every cell, benchmark rnnext against torch.nn
-# (cuDNN) in the same process, profile where one forward+backward spends its GPU time, time a
-# training loop, and run benchmarks/sequences.py on the GPU. Writes gpu_check.log,
-# summary.json, bench_<dtype>/bench.{json,png} and sequences/sequences.json into the folder
-# given as $1, else $OUT, else benchmarks/results/gpu. Every stage runs even when an earlier
-# one fails; the exit status is non-zero if any failed.
+# (cuDNN) in the same process, profile where one forward+backward spends its GPU time, time
+# the small-batch recurrent products through cuBLAS and cuBLASLt and the steps of a long
+# small-batch sequence, time a training loop, and run benchmarks/sequences.py on the GPU.
+# Writes gpu_check.log, summary.json, bench_<dtype>/bench.{json,png} and
+# sequences/sequences.json into the folder given as $1, else $OUT, else benchmarks/results/gpu.
+# Every stage runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=$(mkdir -p "${1:-${OUT:-benchmarks/results/gpu}}" && cd "${1:-${OUT:-benchmarks/results/gpu}}" && pwd)
@@ -43,6 +44,14 @@ done
 stage "profile"
 timeout 120 "$PYTHON" benchmarks/cuda_profile.py
 rc[profile]=$?
+
+stage "small-batch products: cuBLAS against cuBLASLt"
+timeout 90 "$PYTHON" benchmarks/cuda_small_gemm.py
+rc[small_gemm]=$?
+
+stage "long sequence, small batch: cost per step, eager launches"
+timeout 120 "$PYTHON" benchmarks/cuda_long_steps.py
+rc[long_steps]=$?
 
 stage "training loop: fresh inputs and an optimizer between calls"
 timeout 120 "$PYTHON" benchmarks/cuda_train_loop.py

@@ -63,10 +63,23 @@ at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// cuBLASLt's scratch for the float GEMMs of few rows (lt_gemm.h), per direction: more than its
+// heuristic asks for at those sizes.
+constexpr int64_t kLtWorkspaceBytes = int64_t{4} << 20;
+
+Tensor lt_workspace(const LayerShape& s, const Tensor& input) {
+  if (input.scalar_type() != at::kFloat) return Tensor();
+  return at::empty({s.D, kLtWorkspaceBytes}, input.options().dtype(at::kByte));
+}
+
 template <typename T>
 void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
-               const DirectionTensors& in) {
+               const DirectionTensors& in, const Tensor& lt_ws) {
   static_cast<LayerSizes&>(p) = direction_sizes(s, d, block_steps(s));
+  if (lt_ws.defined()) {
+    p.lt_workspace = data<uint8_t>(lt_ws) + d * kLtWorkspaceBytes;
+    p.lt_workspace_bytes = kLtWorkspaceBytes;
+  }
   p.x = data<T>(input);
   p.w_ih = data<T>(in.w_ih);
   p.w_hh = data<T>(in.w_hh);
@@ -132,6 +145,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor hg = at::empty({s.D, s.B, s.G * s.H}, acc_opts);
   const Tensor c_state = has_state ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
   const Tensor step_scratch = at::empty({s.D, need_workspace ? 0 : s.B, s.ws_row}, opts);
+  const Tensor lt_ws = lt_workspace(s, input);
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
@@ -141,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::vector<ForwardParams<T>> params(s.D);  // value-initialised: keys compare bytes
         for (int64_t d = 0; d < s.D; ++d) {
           ForwardParams<T>& p = params[d];
-          fill_dims(p, s, input, d, inputs[d]);
+          fill_dims(p, s, input, d, inputs[d], lt_ws);
           p.xg = data<acc_t<T>>(xg) + d * xg.stride(0);
           p.hg = data<acc_t<T>>(hg) + d * hg.stride(0);
           p.c_state = has_state ? data<acc_t<T>>(c_state) + d * s.B * s.H : nullptr;
@@ -210,6 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
   const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
   const Tensor ones = at::ones({steps * s.B}, opts);
+  const Tensor lt_ws = lt_workspace(s, input);
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
@@ -224,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
               return k < grad_w[d].size() ? data<A>(grad_w[d][k]) : nullptr;
             };
             BackwardParams<T>& p = params[d];
-            fill_dims(p, s, input, d, inputs[d]);
+            fill_dims(p, s, input, d, inputs[d], lt_ws);
             p.output = data<T>(out) + d * s.P;
             p.workspace = data<T>(workspace) + d * workspace.stride(0);
             p.grad_output = nullptr;

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "layer_driver.h"
+#include "lt_gemm.h"
 #include "status.h"
 
 namespace rnnext {
@@ -58,30 +59,48 @@ constexpr cudaDataType_t blas_type() {
   return CUDA_R_32F;
 }
 
+// What a GEMM call needs besides its operands: the cuBLAS handle bound to `stream`, and the
+// direction's cuBLASLt scratch.
+struct Blas {
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  void* lt_workspace;
+  uint64_t lt_workspace_bytes;
+};
+
 // Row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C, with A stored [M, K] (or [K, M] when
 // trans_a) and B stored [K, N] (or [N, K] when trans_b); A and B in T, C in TC (T or
 // acc_t<T>), products accumulated in acc_t<T>. cuBLAS is column-major, so this computes
-// C^T = op(B)^T op(A)^T.
+// C^T = op(B)^T op(A)^T. Float products h W^T of a few rows go through cuBLASLt (lt_gemm.h).
 template <typename T, typename TC>
-void gemm(cublasHandle_t blas, cudaStream_t stream, bool trans_a, bool trans_b, int64_t M,
-          int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc_t<T> beta,
-          TC* C, int64_t ldc) {
+void gemm(const Blas& blas, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+          int64_t lda, const T* B, int64_t ldb, acc_t<T> beta, TC* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum: C = beta C
     if (beta == acc_t<T>(0)) {
-      check_cuda(cudaMemset2DAsync(C, ldc * sizeof(TC), 0, N * sizeof(TC), M, stream), "memset");
+      check_cuda(cudaMemset2DAsync(C, ldc * sizeof(TC), 0, N * sizeof(TC), M, blas.stream),
+                 "memset");
     }
     return;
+  }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, float>) {
+    // Only the forward's layout (h times W^T): the backward's products of few rows
+    // (dgates times W) measured slower through cuBLASLt at some sizes (lt_gemm.h).
+    if (!trans_a && trans_b && M <= kLtMaxRows &&
+        lt_gemm(blas.handle, blas.stream, blas.lt_workspace, blas.lt_workspace_bytes, trans_a,
+                trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc)) {
+      return;
+    }
   }
   const acc_t<T> alpha = 1;
   const cublasComputeType_t compute =
       std::is_same_v<T, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
-  check_blas(
-      cublasGemmEx(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                   static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
-                   blas_type<T>(), static_cast<int>(ldb), A, blas_type<T>(), static_cast<int>(lda),
-                   &beta, C, blas_type<TC>(), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT),
-      "gemm");
+  check_blas(cublasGemmEx(blas.handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                          trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
+                          static_cast<int>(M), static_cast<int>(K), &alpha, B, blas_type<T>(),
+                          static_cast<int>(ldb), A, blas_type<T>(), static_cast<int>(lda), &beta, C,
+                          blas_type<TC>(), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT),
+             "gemm");
 }
 
 // Zeroes rows [first, rows) of a row-major [rows, width] block with row stride ld.
@@ -191,7 +210,8 @@ __global__ void backward_step_kernel(BackwardParams<T> p, int64_t t, int64_t n, 
 }
 
 template <typename Cell, typename T>
-void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t stream) {
+void forward_loop(const ForwardParams<T>& p, cublasHandle_t handle, cudaStream_t stream) {
+  const Blas blas{handle, stream, p.lt_workspace, p.lt_workspace_bytes};
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   if (p.has_ended_rows(p.batch)) {
     // Rows past their end stay zero: kernels and GEMMs write active rows only, so one fill
@@ -206,7 +226,7 @@ void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t s
     const int64_t t = p.step(s), n = p.batch_sizes[t], n_cont = p.continuing(t);
     if (s % p.block_steps == 0) {
       p.block_of(s, block_first, block_count);
-      gemm<T, acc_t<T>>(blas, stream, false, true, block_count * B, GH, p.inputs,
+      gemm<T, acc_t<T>>(blas, false, true, block_count * B, GH, p.inputs,
                         p.x + block_first * B * p.inputs, p.inputs, p.w_ih, p.inputs, 0, p.xg, GH);
     }
     const acc_t<T>* xg_t = p.xg + (t - block_first) * B * GH;
@@ -217,18 +237,16 @@ void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t s
     T* cell_out = p.projected() ? ws_t + p.m_offset : h_out;
     const int64_t ld_cell_out = p.projected() ? p.ws_row : p.ldo;
 
-    gemm<T, acc_t<T>>(blas, stream, false, true, n_cont, GH, P, h_cont, p.ldo, p.w_hh, P, 0, p.hg,
-                      GH);
-    gemm<T, acc_t<T>>(blas, stream, false, true, n - n_cont, GH, P, p.h0 + n_cont * P, P, p.w_hh, P,
-                      0, p.hg + n_cont * GH, GH);
+    gemm<T, acc_t<T>>(blas, false, true, n_cont, GH, P, h_cont, p.ldo, p.w_hh, P, 0, p.hg, GH);
+    gemm<T, acc_t<T>>(blas, false, true, n - n_cont, GH, P, p.h0 + n_cont * P, P, p.w_hh, P, 0,
+                      p.hg + n_cont * GH, GH);
     if (n > 0) {
       forward_step_kernel<Cell, T><<<blocks_for(n * H), kThreads, 0, stream>>>(
           p, xg_t, n, n_cont, h_cont, cell_out, ld_cell_out, ws_t);
       check_cuda(cudaGetLastError(), "forward step kernel launch");
     }
     if (p.projected()) {
-      gemm<T, T>(blas, stream, false, true, n, P, H, cell_out, ld_cell_out, p.w_hr, H, 0, h_out,
-                 p.ldo);
+      gemm<T, T>(blas, false, true, n, P, H, cell_out, ld_cell_out, p.w_hr, H, 0, h_out, p.ldo);
     }
   }
   // h_n: each row's state at its own last step, copied for runs of rows that share the source
@@ -254,17 +272,16 @@ void forward_loop(const ForwardParams<T>& p, cublasHandle_t blas, cudaStream_t s
 // gradients: large GEMMs over all their rows at once.
 template <typename T>
 void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t count,
-                          cublasHandle_t blas, cudaStream_t stream) {
+                          const Blas& blas) {
   using A = acc_t<T>;
   const int64_t B = p.batch, I = p.inputs, P = p.out, H = p.hidden, GH = p.gates * H;
   const int64_t rows = count * B;
   if (p.grad_x != nullptr) {
-    gemm<T, A>(blas, stream, false, false, rows, I, GH, p.dgx, GH, p.w_ih, I, 1,
-               p.grad_x + first * B * I, I);
+    gemm<T, A>(blas, false, false, rows, I, GH, p.dgx, GH, p.w_ih, I, 1, p.grad_x + first * B * I,
+               I);
   }
   if (p.grad_w_ih == nullptr) return;
-  gemm<T, A>(blas, stream, true, false, GH, I, rows, p.dgx, GH, p.x + first * B * I, I, 1,
-             p.grad_w_ih, I);
+  gemm<T, A>(blas, true, false, GH, I, rows, p.dgx, GH, p.x + first * B * I, I, 1, p.grad_w_ih, I);
   // Step t's hidden-side gradient pairs with the state it consumed: the previous step's output
   // in this direction's order (zero past a row's end); h0 at a row's first step is left to the
   // caller through dgh_first. Those first steps are t = 0 (forward) and t = T - 1 (reverse).
@@ -273,22 +290,23 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   const int64_t paired = count - skip_first - skip_last;
   const int64_t t0 = first + skip_first;
   if (paired > 0) {
-    gemm<T, A>(blas, stream, true, false, GH, P, paired * B, p.dgh + skip_first * B * GH, GH,
+    gemm<T, A>(blas, true, false, GH, P, paired * B, p.dgh + skip_first * B * GH, GH,
                p.output + p.previous(t0) * B * p.ldo, p.ldo, 1, p.grad_w_hh, P);
   }
   if (p.grad_b_ih != nullptr) {
-    gemm<T, A>(blas, stream, true, false, GH, 1, rows, p.dgx, GH, p.ones, 1, 1, p.grad_b_ih, 1);
-    gemm<T, A>(blas, stream, true, false, GH, 1, rows, p.dgh, GH, p.ones, 1, 1, p.grad_b_hh, 1);
+    gemm<T, A>(blas, true, false, GH, 1, rows, p.dgx, GH, p.ones, 1, 1, p.grad_b_ih, 1);
+    gemm<T, A>(blas, true, false, GH, 1, rows, p.dgh, GH, p.ones, 1, 1, p.grad_b_hh, 1);
   }
   if (p.projected()) {
     // dW_hr += dh'^T m, m being the last H of each workspace row
-    gemm<T, A>(blas, stream, true, false, P, H, rows, p.grad_h, P,
+    gemm<T, A>(blas, true, false, P, H, rows, p.grad_h, P,
                p.workspace + first * B * p.ws_row + p.m_offset, p.ws_row, 1, p.grad_w_hr, H);
   }
 }
 
 template <typename Cell, typename T>
-void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t stream) {
+void backward_loop(const BackwardParams<T>& p, cublasHandle_t handle, cudaStream_t stream) {
+  const Blas blas{handle, stream, p.lt_workspace, p.lt_workspace_bytes};
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   check_cuda(cudaMemsetAsync(p.dgh_first, 0, B * GH * sizeof(acc_t<T>), stream), "memset");
   int64_t block_first = 0, block_count = 0;
@@ -317,7 +335,7 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t
       T* grad_h_t = p.grad_h + (t - block_first) * B * P;
       projected_grad_kernel<T><<<blocks_for(B * P), kThreads, 0, stream>>>(p, n, go_t, grad_h_t);
       check_cuda(cudaGetLastError(), "projection gradient kernel launch");
-      gemm<T, acc_t<T>>(blas, stream, false, false, n, H, P, grad_h_t, P, p.w_hr, H, 0, p.dm, H);
+      gemm<T, acc_t<T>>(blas, false, false, n, H, P, grad_h_t, P, p.w_hr, H, 0, p.dm, H);
       dcell = p.dm;
       ld_dcell = H;
       go_t = nullptr;
@@ -328,9 +346,9 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t blas, cudaStream_t
       check_cuda(cudaGetLastError(), "backward step kernel launch");
     }
     // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-    gemm<T, acc_t<T>>(blas, stream, false, false, n, P, GH, dgh_t, GH, p.w_hh, P,
+    gemm<T, acc_t<T>>(blas, false, false, n, P, GH, dgh_t, GH, p.w_hh, P,
                       Cell::kDirectHiddenGrad ? 1 : 0, p.dh, P);
-    if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count, blas, stream);
+    if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count, blas);
   }
 }
 

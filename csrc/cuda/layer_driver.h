@@ -43,6 +43,9 @@ struct LayerDims : LayerSizes {
   const T* b_hh;  // [G*H] (zeros without biases)
   const T* h0;    // [B, P]
   const T* c0;    // [B, H] (LSTM), else null
+  // cuBLASLt's scratch for the small-batch float GEMMs (lt_gemm.h), or null (other types)
+  void* lt_workspace;
+  uint64_t lt_workspace_bytes;
 
   RNNEXT_HD bool projected() const { return w_hr != nullptr; }
 };

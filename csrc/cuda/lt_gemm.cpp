@@ -1,0 +1,184 @@
+// cuBLASLt for the float GEMMs with few rows (lt_gemm.h). A plan (descriptors and the
+// algorithm cuBLASLt's heuristic picks) is made once per shape, alignment, device and
+// workspace size and kept per thread, so a step's call costs a lookup, not a heuristic query.
+#include "lt_gemm.h"
+
+#include <cublasLt.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace rnnext {
+namespace cuda {
+namespace {
+
+// The largest of 16, 8 and 4 bytes that divides the address: cuBLASLt's heuristic otherwise
+// assumes 256-byte aligned operands.
+uint32_t alignment(const void* pointer) {
+  const auto address = reinterpret_cast<uintptr_t>(pointer);
+  for (uint32_t bytes : {16u, 8u}) {
+    if (address % bytes == 0) return bytes;
+  }
+  return 4;
+}
+
+using PlanKey = std::array<int64_t, 13>;
+
+struct Plan {
+  PlanKey key{};
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's A (our B), B, C
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace = 0;
+  bool usable = false;
+
+  void release() {
+    if (op != nullptr) cublasLtMatmulDescDestroy(op);
+    for (cublasLtMatrixLayout_t layout : {a, b, c}) {
+      if (layout != nullptr) cublasLtMatrixLayoutDestroy(layout);
+    }
+  }
+};
+
+// One thread's cuBLASLt handles (one per device) and plans; released when the thread ends.
+class Plans {
+ public:
+  ~Plans() {
+    for (Plan& plan : plans_) plan.release();
+    for (auto& [device, handle] : handles_) cublasLtDestroy(handle);
+  }
+
+  cublasLtHandle_t handle(int device) {
+    for (auto& [d, handle] : handles_) {
+      if (d == device) return handle;
+    }
+    cublasLtHandle_t handle = nullptr;
+    if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) return nullptr;
+    handles_.emplace_back(device, handle);
+    return handle;
+  }
+
+  // The plan for `key`, made by make(plan) on first use. Shapes vary with the batch's active
+  // rows, so a thread holds a few dozen; past kMaxPlans the cache starts again.
+  template <typename Make>
+  Plan& find(const PlanKey& key, const Make& make) {
+    for (Plan& plan : plans_) {
+      if (plan.key == key) return plan;
+    }
+    if (plans_.size() >= kMaxPlans) {
+      for (Plan& plan : plans_) plan.release();
+      plans_.clear();
+    }
+    Plan& plan = plans_.emplace_back();
+    plan.key = key;
+    make(plan);
+    return plan;
+  }
+
+ private:
+  static constexpr size_t kMaxPlans = 256;
+  std::vector<std::pair<int, cublasLtHandle_t>> handles_;
+  std::vector<Plan> plans_;
+};
+
+thread_local Plans plans;
+
+bool lt_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("RNNEXT_CUDA_LT");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  return enabled;
+}
+
+// Fills plan's descriptors and algorithm; leaves plan.usable false where any step fails.
+void make_plan(Plan& plan, cublasLtHandle_t handle, bool trans_a, bool trans_b, int64_t M,
+               int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, uint32_t align_a,
+               uint32_t align_b, uint32_t align_c, size_t workspace_bytes) {
+  // Column-major, as cuBLAS sees row-major C: C^T[N, M] = op(B)^T op(A)^T.
+  const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const auto ok = [](cublasStatus_t status) { return status == CUBLAS_STATUS_SUCCESS; };
+  if (!ok(cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F)) ||
+      !ok(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a,
+                                         sizeof op_a)) ||
+      !ok(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b,
+                                         sizeof op_b)) ||
+      !ok(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, trans_b ? K : N, trans_b ? N : K, ldb)) ||
+      !ok(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, trans_a ? M : K, trans_a ? K : M, lda)) ||
+      !ok(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, N, M, ldc))) {
+    return;
+  }
+  cublasLtMatmulPreference_t preference = nullptr;
+  if (!ok(cublasLtMatmulPreferenceCreate(&preference))) return;
+  const uint64_t max_workspace = workspace_bytes;
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const bool asked =
+      ok(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                              &max_workspace, sizeof max_workspace)) &&
+      ok(cublasLtMatmulPreferenceSetAttribute(
+          preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_b, sizeof align_b)) &&
+      ok(cublasLtMatmulPreferenceSetAttribute(
+          preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_a, sizeof align_a)) &&
+      ok(cublasLtMatmulPreferenceSetAttribute(
+          preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof align_c)) &&
+      ok(cublasLtMatmulPreferenceSetAttribute(
+          preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof align_c)) &&
+      ok(cublasLtMatmulAlgoGetHeuristic(handle, plan.op, plan.a, plan.b, plan.c, plan.c, preference,
+                                        1, &result, &found));
+  cublasLtMatmulPreferenceDestroy(preference);
+  if (!asked || found < 1 || result.workspaceSize > workspace_bytes) return;
+  plan.algo = result.algo;
+  plan.workspace = result.workspaceSize;
+  plan.usable = true;
+}
+
+}  // namespace
+
+bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
+             bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (workspace == nullptr || !lt_enabled()) return false;
+  cublasMath_t math = CUBLAS_DEFAULT_MATH;
+  // (with TF32 allowed cuBLAS picks tensor-core kernels, which were not measured slow)
+  if (cublasGetMathMode(blas, &math) != CUBLAS_STATUS_SUCCESS ||
+      (static_cast<int>(math) & 0xf) != CUBLAS_DEFAULT_MATH) {
+    return false;
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cublasLtHandle_t handle = plans.handle(device);
+  if (handle == nullptr) return false;
+  const uint32_t align_a = alignment(A), align_b = alignment(B), align_c = alignment(C);
+  const PlanKey key{device,
+                    trans_a,
+                    trans_b,
+                    M,
+                    N,
+                    K,
+                    lda,
+                    ldb,
+                    ldc,
+                    align_a,
+                    align_b,
+                    align_c,
+                    static_cast<int64_t>(workspace_bytes)};
+  Plan& plan = plans.find(key, [&](Plan& p) {
+    make_plan(p, handle, trans_a, trans_b, M, N, K, lda, ldb, ldc, align_a, align_b, align_c,
+              workspace_bytes);
+  });
+  if (!plan.usable) return false;
+  const float alpha = 1.f;
+  if (cublasLtMatmul(handle, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+                     &plan.algo, workspace, plan.workspace, stream) != CUBLAS_STATUS_SUCCESS) {
+    plan.usable = false;  // cuBLAS from now on for this shape
+    return false;
+  }
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace rnnext

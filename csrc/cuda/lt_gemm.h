@@ -1,0 +1,33 @@
+// Float GEMMs h W^T with few rows (a small batch's recurrent products in the forward) through
+// cuBLASLt. Without TF32, cuBLAS's own heuristic picks kernels for many of them that run far
+// slower than the ones cuBLASLt's picks: on an H200, [8, 256] x [256, 768] took 26 us against
+// 3 us, [8, 128] x [128, 128] 52 us against 2.4 us; of 48 shapes of 1 to 16 rows, cuBLASLt's
+// choice was slower in two (benchmarks/cuda_small_gemm.py; docs/internals.md). The backward's
+// products of few rows (dgates W) stay with cuBLAS: through cuBLASLt they measured slower at
+// some sizes. Framework-free header; the per-thread cache of plans lives in lt_gemm.cpp.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace rnnext {
+namespace cuda {
+
+// Products with at most this many rows go to cuBLASLt. At 32 and 64 rows its choice was as
+// often slower as faster; at 16, slower once ([16, 1024] x [1024, 4096], 20 us against 17).
+constexpr int64_t kLtMaxRows = 16;
+
+// Queues row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C on `stream`, A stored [M, K]
+// (or [K, M] when trans_a) and B stored [K, N] (or [N, K] when trans_b), all float, through
+// cuBLASLt with `workspace` as its scratch. Returns false, having queued nothing, where
+// cuBLASLt does not apply: TF32 allowed on `blas` (its math mode), no workspace, no algorithm
+// found, or RNNEXT_CUDA_LT=0 in the environment; the caller then runs cuBLAS itself.
+bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
+             bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+}  // namespace cuda
+}  // namespace rnnext
