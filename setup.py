@@ -74,16 +74,17 @@ def _cublas_include_args() -> list[str]:
 
 
 def _cublas_link_args() -> list[str]:
-    """Links cuBLAS and cuBLASLt by path when a wheel provides them (libtorch_cuda loads the
-    same libraries)."""
-    for folder in _nvidia_wheel_dirs("lib"):
-        libraries = [
-            sorted(glob.glob(os.path.join(folder, f"{name}.so*")))
-            for name in ("libcublas", "libcublasLt")
+    """Links cuBLAS and cuBLASLt by path where a wheel provides them (libtorch_cuda loads the
+    same libraries), else by name from the toolkit."""
+    args = []
+    for name in ("cublas", "cublasLt"):
+        found = [
+            path
+            for folder in _nvidia_wheel_dirs("lib")
+            for path in sorted(glob.glob(os.path.join(folder, f"lib{name}.so*")))
         ]
-        if all(libraries):
-            return [found[0] for found in libraries]
-    return ["-lcublas", "-lcublasLt"]
+        args.append(found[0] if found else f"-l{name}")
+    return args
 
 
 def _extension():

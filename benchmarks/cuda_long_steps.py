@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["RNNEXT_CUDA_GRAPHS"] = "0"  # before rnnext reads it
+os.environ["RNNEXT_CUDA_GRAPHS"] = "0"  # (read at each call) every call of this script eager
 
 import time  # noqa: E402
 

@@ -6,6 +6,9 @@ For float32 (TF32 off) and bfloat16, H in 128..1024, G in 1, 3, 4 (RNN, GRU, LST
 graph, so the host's launch time is left out) of ``torch.mm`` with torch's cuBLAS backend, of
 one product per gate (G products of [M, H] x [H, H]), and of ``torch.mm`` with torch's
 cuBLASLt backend, and marks the shapes where cuBLAS takes more than 1.5 times the fastest.
+torch's cuBLASLt path tells its heuristic each operand's alignment up to 256 bytes and gives
+it torch's workspace, where rnnext's (lt_gemm.cpp) says at most 16 bytes and gives it 4 MiB,
+so the two may pick different kernels; benchmarks/cuda_long_steps.py shows rnnext's own.
 Run by gpu_check.sh.
 """
 

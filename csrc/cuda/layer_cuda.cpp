@@ -17,12 +17,14 @@
 #include <array>
 #include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "../common/layer_args.h"
 #include "graph_replay.h"
 #include "layer_driver.h"
+#include "lt_gemm.h"
 
 namespace rnnext {
 namespace cuda {
@@ -63,23 +65,26 @@ at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// cuBLASLt's scratch for the float GEMMs of few rows (lt_gemm.h), per direction: more than its
-// heuristic asks for at those sizes.
+// cuBLASLt's scratch for the forward's float products of at most kLtMaxRows rows
+// (lt_gemm.h), per direction: more than its heuristic asks for at those sizes. Allocated only
+// where some step has so few active rows (the last step has the fewest) and RNNEXT_CUDA_LT is
+// not 0 (read at each call); without it every product goes to cuBLAS.
 constexpr int64_t kLtWorkspaceBytes = int64_t{4} << 20;
 
 Tensor lt_workspace(const LayerShape& s, const Tensor& input) {
-  if (input.scalar_type() != at::kFloat) return Tensor();
+  const char* env = std::getenv("RNNEXT_CUDA_LT");
+  const bool wanted = env == nullptr || std::string_view(env) != "0";
+  if (!wanted || input.scalar_type() != at::kFloat || s.T == 0 ||
+      s.batch_sizes[s.T - 1] > kLtMaxRows) {
+    return Tensor();
+  }
   return at::empty({s.D, kLtWorkspaceBytes}, input.options().dtype(at::kByte));
 }
 
 template <typename T>
 void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_t d,
-               const DirectionTensors& in, const Tensor& lt_ws) {
+               const DirectionTensors& in) {
   static_cast<LayerSizes&>(p) = direction_sizes(s, d, block_steps(s));
-  if (lt_ws.defined()) {
-    p.lt_workspace = data<uint8_t>(lt_ws) + d * kLtWorkspaceBytes;
-    p.lt_workspace_bytes = kLtWorkspaceBytes;
-  }
   p.x = data<T>(input);
   p.w_ih = data<T>(in.w_ih);
   p.w_hh = data<T>(in.w_hh);
@@ -155,7 +160,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::vector<ForwardParams<T>> params(s.D);  // value-initialised: keys compare bytes
         for (int64_t d = 0; d < s.D; ++d) {
           ForwardParams<T>& p = params[d];
-          fill_dims(p, s, input, d, inputs[d], lt_ws);
+          fill_dims(p, s, input, d, inputs[d]);
           p.xg = data<acc_t<T>>(xg) + d * xg.stride(0);
           p.hg = data<acc_t<T>>(hg) + d * hg.stride(0);
           p.c_state = has_state ? data<acc_t<T>>(c_state) + d * s.B * s.H : nullptr;
@@ -163,6 +168,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
           p.h_n = data<T>(h_n) + d * s.B * s.P;
           p.workspace = need_workspace ? data<T>(workspace) + d * workspace.stride(0) : nullptr;
           p.step_scratch = data<T>(step_scratch) + d * step_scratch.stride(0);
+          if (lt_ws.defined()) {
+            p.lt_workspace = data<uint8_t>(lt_ws) + d * kLtWorkspaceBytes;
+            p.lt_workspace_bytes = kLtWorkspaceBytes;
+          }
           if (has_state) c_state[d].copy_(inputs[d].c0);
         }
         std::vector<Lane> lanes;
@@ -224,7 +233,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_h = s.has_proj ? at::empty({s.D, steps, s.B, s.P}, opts) : Tensor();
   const Tensor dm = s.has_proj ? at::empty({s.D, s.B, s.H}, acc_opts) : Tensor();
   const Tensor ones = at::ones({steps * s.B}, opts);
-  const Tensor lt_ws = lt_workspace(s, input);
   std::vector<DirectionTensors> inputs;
   for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts);
 
@@ -239,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
               return k < grad_w[d].size() ? data<A>(grad_w[d][k]) : nullptr;
             };
             BackwardParams<T>& p = params[d];
-            fill_dims(p, s, input, d, inputs[d], lt_ws);
+            fill_dims(p, s, input, d, inputs[d]);
             p.output = data<T>(out) + d * s.P;
             p.workspace = data<T>(workspace) + d * workspace.stride(0);
             p.grad_output = nullptr;

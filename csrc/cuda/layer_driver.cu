@@ -71,7 +71,7 @@ struct Blas {
 // Row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C, with A stored [M, K] (or [K, M] when
 // trans_a) and B stored [K, N] (or [N, K] when trans_b); A and B in T, C in TC (T or
 // acc_t<T>), products accumulated in acc_t<T>. cuBLAS is column-major, so this computes
-// C^T = op(B)^T op(A)^T. Float products h W^T of a few rows go through cuBLASLt (lt_gemm.h).
+// C^T = op(B)^T op(A)^T. Float products A B^T of a few rows go through cuBLASLt (lt_gemm.h).
 template <typename T, typename TC>
 void gemm(const Blas& blas, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
           int64_t lda, const T* B, int64_t ldb, acc_t<T> beta, TC* C, int64_t ldc) {
@@ -84,8 +84,9 @@ void gemm(const Blas& blas, bool trans_a, bool trans_b, int64_t M, int64_t N, in
     return;
   }
   if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, float>) {
-    // Only the forward's layout (h times W^T): the backward's products of few rows
-    // (dgates times W) measured slower through cuBLASLt at some sizes (lt_gemm.h).
+    // Only the forward's layout A B^T (h W_hh^T; also x W_ih^T and m W_hr^T with as few
+    // rows): the backward's products of few rows (dgates W) measured slower through cuBLASLt
+    // at some sizes (lt_gemm.h).
     if (!trans_a && trans_b && M <= kLtMaxRows &&
         lt_gemm(blas.handle, blas.stream, blas.lt_workspace, blas.lt_workspace_bytes, trans_a,
                 trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc)) {

@@ -43,7 +43,8 @@ struct LayerDims : LayerSizes {
   const T* b_hh;  // [G*H] (zeros without biases)
   const T* h0;    // [B, P]
   const T* c0;    // [B, H] (LSTM), else null
-  // cuBLASLt's scratch for the small-batch float GEMMs (lt_gemm.h), or null (other types)
+  // cuBLASLt's scratch for the forward's float products of few rows (lt_gemm.h), or null:
+  // those products then go to cuBLAS too (always in the backward)
   void* lt_workspace;
   uint64_t lt_workspace_bytes;
 

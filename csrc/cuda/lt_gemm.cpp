@@ -1,21 +1,24 @@
 // cuBLASLt for the float GEMMs with few rows (lt_gemm.h). A plan (descriptors and the
 // algorithm cuBLASLt's heuristic picks) is made once per shape, alignment, device and
-// workspace size and kept per thread, so a step's call costs a lookup, not a heuristic query.
+// workspace size and kept per thread, so a step's call costs a hash lookup, not a heuristic
+// query.
 #include "lt_gemm.h"
 
 #include <cublasLt.h>
 
 #include <array>
-#include <cstdlib>
-#include <cstring>
+#include <unordered_map>
+#include <utility>
 #include <vector>
+
+#include "status.h"
 
 namespace rnnext {
 namespace cuda {
 namespace {
 
-// The largest of 16, 8 and 4 bytes that divides the address: cuBLASLt's heuristic otherwise
-// assumes 256-byte aligned operands.
+// The largest of 16, 8 and 4 bytes that divides the address (cuBLASLt's heuristic otherwise
+// assumes 256-byte aligned operands; 16 is the most its kernels for these sizes ask for).
 uint32_t alignment(const void* pointer) {
   const auto address = reinterpret_cast<uintptr_t>(pointer);
   for (uint32_t bytes : {16u, 8u}) {
@@ -26,8 +29,15 @@ uint32_t alignment(const void* pointer) {
 
 using PlanKey = std::array<int64_t, 13>;
 
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& key) const {
+    size_t hash = 0;
+    for (int64_t v : key) hash = hash * 1000003u ^ std::hash<int64_t>{}(v);
+    return hash;
+  }
+};
+
 struct Plan {
-  PlanKey key{};
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's A (our B), B, C
   cublasLtMatmulAlgo_t algo{};
@@ -46,52 +56,45 @@ struct Plan {
 class Plans {
  public:
   ~Plans() {
-    for (Plan& plan : plans_) plan.release();
-    for (auto& [device, handle] : handles_) cublasLtDestroy(handle);
+    for (auto& [key, plan] : plans_) plan.release();
+    for (auto& [device, handle] : handles_) {
+      if (handle != nullptr) cublasLtDestroy(handle);
+    }
   }
 
+  // This thread's handle for `device`, or null where creating it failed (not retried).
   cublasLtHandle_t handle(int device) {
     for (auto& [d, handle] : handles_) {
       if (d == device) return handle;
     }
     cublasLtHandle_t handle = nullptr;
-    if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) return nullptr;
+    if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) handle = nullptr;
     handles_.emplace_back(device, handle);
     return handle;
   }
 
   // The plan for `key`, made by make(plan) on first use. Shapes vary with the batch's active
-  // rows, so a thread holds a few dozen; past kMaxPlans the cache starts again.
+  // rows and the operands' alignment, so a thread holds a few dozen per layer shape; past
+  // kMaxPlans the cache starts again.
   template <typename Make>
   Plan& find(const PlanKey& key, const Make& make) {
-    for (Plan& plan : plans_) {
-      if (plan.key == key) return plan;
-    }
+    if (auto found = plans_.find(key); found != plans_.end()) return found->second;
     if (plans_.size() >= kMaxPlans) {
-      for (Plan& plan : plans_) plan.release();
+      for (auto& [old_key, plan] : plans_) plan.release();
       plans_.clear();
     }
-    Plan& plan = plans_.emplace_back();
-    plan.key = key;
+    Plan& plan = plans_[key];
     make(plan);
     return plan;
   }
 
  private:
-  static constexpr size_t kMaxPlans = 256;
+  static constexpr size_t kMaxPlans = 1024;
   std::vector<std::pair<int, cublasLtHandle_t>> handles_;
-  std::vector<Plan> plans_;
+  std::unordered_map<PlanKey, Plan, PlanKeyHash> plans_;
 };
 
 thread_local Plans plans;
-
-bool lt_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("RNNEXT_CUDA_LT");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  return enabled;
-}
 
 // Fills plan's descriptors and algorithm; leaves plan.usable false where any step fails.
 void make_plan(Plan& plan, cublasLtHandle_t handle, bool trans_a, bool trans_b, int64_t M,
@@ -141,15 +144,13 @@ void make_plan(Plan& plan, cublasLtHandle_t handle, bool trans_a, bool trans_b, 
 bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
              bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (workspace == nullptr || !lt_enabled()) return false;
+  if (workspace == nullptr) return false;
+  // Only the default math mode was measured (cuda_small_gemm.py runs without TF32).
   cublasMath_t math = CUBLAS_DEFAULT_MATH;
-  // (with TF32 allowed cuBLAS picks tensor-core kernels, which were not measured slow)
-  if (cublasGetMathMode(blas, &math) != CUBLAS_STATUS_SUCCESS ||
-      (static_cast<int>(math) & 0xf) != CUBLAS_DEFAULT_MATH) {
-    return false;
-  }
+  check_blas(cublasGetMathMode(blas, &math), "get math mode");
+  if ((static_cast<int>(math) & 0xf) != CUBLAS_DEFAULT_MATH) return false;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  check_cuda(cudaGetDevice(&device), "get device");
   cublasLtHandle_t handle = plans.handle(device);
   if (handle == nullptr) return false;
   const uint32_t align_a = alignment(A), align_b = alignment(B), align_c = alignment(C);
@@ -172,11 +173,14 @@ bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t w
   });
   if (!plan.usable) return false;
   const float alpha = 1.f;
-  if (cublasLtMatmul(handle, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
-                     &plan.algo, workspace, plan.workspace, stream) != CUBLAS_STATUS_SUCCESS) {
-    plan.usable = false;  // cuBLAS from now on for this shape
+  const cublasStatus_t status =
+      cublasLtMatmul(handle, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+                     &plan.algo, workspace, plan.workspace, stream);
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) {
+    plan.usable = false;  // refused before queuing anything: cuBLAS from now on for this shape
     return false;
   }
+  check_blas(status, "cuBLASLt matmul");
   return true;
 }
 

@@ -1,10 +1,12 @@
-// Float GEMMs h W^T with few rows (a small batch's recurrent products in the forward) through
-// cuBLASLt. Without TF32, cuBLAS's own heuristic picks kernels for many of them that run far
-// slower than the ones cuBLASLt's picks: on an H200, [8, 256] x [256, 768] took 26 us against
-// 3 us, [8, 128] x [128, 128] 52 us against 2.4 us; of 48 shapes of 1 to 16 rows, cuBLASLt's
-// choice was slower in two (benchmarks/cuda_small_gemm.py; docs/internals.md). The backward's
-// products of few rows (dgates W) stay with cuBLAS: through cuBLASLt they measured slower at
-// some sizes. Framework-free header; the per-thread cache of plans lives in lt_gemm.cpp.
+// Float GEMMs A B^T with few rows through cuBLASLt: in rnnext the forward's recurrent product
+// h W_hh^T of a small batch (and x W_ih^T and m W_hr^T where they have as few rows). Without
+// TF32, cuBLAS's own heuristic picks kernels for many of them that run far slower than the
+// ones cuBLASLt's picks: on an H200, [8, 256] x [256, 768] took 26 us against 3 us,
+// [8, 128] x [128, 128] 52 us against 2.4 us; of 48 shapes of 1 to 16 rows, cuBLASLt's choice
+// was slower in two (benchmarks/cuda_small_gemm.py, which times torch's own cuBLASLt path;
+// docs/internals.md). The backward's products of few rows (dgates W) stay with cuBLAS: through
+// cuBLASLt they measured slower at some sizes. Framework-free header; the per-thread cache of
+// plans lives in lt_gemm.cpp.
 #pragma once
 
 #include <cublas_v2.h>
@@ -22,9 +24,10 @@ constexpr int64_t kLtMaxRows = 16;
 
 // Queues row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C on `stream`, A stored [M, K]
 // (or [K, M] when trans_a) and B stored [K, N] (or [N, K] when trans_b), all float, through
-// cuBLASLt with `workspace` as its scratch. Returns false, having queued nothing, where
-// cuBLASLt does not apply: TF32 allowed on `blas` (its math mode), no workspace, no algorithm
-// found, or RNNEXT_CUDA_LT=0 in the environment; the caller then runs cuBLAS itself.
+// cuBLASLt with `workspace` as its scratch. Returns false where cuBLASLt does not apply (no
+// workspace, a math mode other than the default on `blas`, TF32 allowed say) or where it finds
+// or accepts no algorithm for the product; the caller then runs cuBLAS itself. Other cuBLAS
+// errors throw std::runtime_error.
 bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
              bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
