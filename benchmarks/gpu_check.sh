@@ -15,6 +15,14 @@ PYTHON=${PYTHON:-python3}
 exec > >(tee "$dest/gpu_check.log") 2>&1
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 declare -A rc
+# timed_stage KEY SECONDS TITLE COMMAND...: runs COMMAND as a stage, its status kept as KEY
+timed_stage() {
+  local key=$1 seconds=$2 title=$3
+  shift 3
+  stage "$title"
+  timeout "$seconds" "$@"
+  rc[$key]=$?
+}
 
 stage environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -28,45 +36,28 @@ export RNNEXT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=
 rc[build]=$?
 "$PYTHON" -c "import rnnext, rnnext.functional as f; print('kernels for', sorted(f.DEVICES_WITH_KERNELS))"
 
-stage "CUDA tests"
 parallel=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" -k cuda tests
-rc[tests]=$?
+timed_stage tests 240 "CUDA tests" \
+  "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" -k cuda tests
 
 for dtype in float32 bfloat16; do
-  stage "benchmark $dtype"
-  timeout 150 "$PYTHON" -m rnnext.bench --device cuda --cells lstm,gru --dtype "$dtype" \
-    --sizes 100x64x512,500x4x512,50x128x1024 --out "$dest/bench_$dtype"
-  rc[bench_$dtype]=$?
+  timed_stage "bench_$dtype" 150 "benchmark $dtype" "$PYTHON" -m rnnext.bench --device cuda \
+    --cells lstm,gru --dtype "$dtype" --sizes 100x64x512,500x4x512,50x128x1024 \
+    --out "$dest/bench_$dtype"
 done
-
-stage "profile"
-timeout 120 "$PYTHON" benchmarks/cuda_profile.py
-rc[profile]=$?
-
-stage "small-batch products: cuBLAS against cuBLASLt"
-timeout 90 "$PYTHON" benchmarks/cuda_small_gemm.py
-rc[small_gemm]=$?
-
-stage "long sequence, small batch: cost per step, eager launches"
-timeout 120 "$PYTHON" benchmarks/cuda_long_steps.py
-rc[long_steps]=$?
-
-stage "training loop: fresh inputs and an optimizer between calls"
-timeout 120 "$PYTHON" benchmarks/cuda_train_loop.py
-rc[train_loop]=$?
-
-stage "sequences: lengths against PackedSequence, memory at T = 100000"
-timeout 240 "$PYTHON" benchmarks/sequences.py --device cuda --with-torch-memory \
-  --out "$dest/sequences"
-rc[sequences]=$?
-
-stage "compute-sanitizer memcheck"
+timed_stage profile 120 "profile" "$PYTHON" benchmarks/cuda_profile.py
+timed_stage small_gemm 90 "small-batch products: cuBLAS against cuBLASLt" \
+  "$PYTHON" benchmarks/cuda_small_gemm.py
+timed_stage long_steps 120 "long sequence, small batch: cost per step, eager launches" \
+  "$PYTHON" benchmarks/cuda_long_steps.py
+timed_stage train_loop 120 "training loop: fresh inputs and an optimizer between calls" \
+  "$PYTHON" benchmarks/cuda_train_loop.py
+timed_stage sequences 240 "sequences: lengths against PackedSequence, memory at T = 100000" \
+  "$PYTHON" benchmarks/sequences.py --device cuda --with-torch-memory --out "$dest/sequences"
 # without the caching allocator every tensor is its own allocation, so memcheck sees its bounds
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  "$PYTHON" benchmarks/cuda_smoke.py
-rc[memcheck]=$?
+timed_stage memcheck 200 "compute-sanitizer memcheck" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$PYTHON" benchmarks/cuda_smoke.py
 
 stage summary
 status_json=$(for k in "${!rc[@]}"; do printf '"%s": %s, ' "$k" "${rc[$k]}"; done)
