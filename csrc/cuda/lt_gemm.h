@@ -3,10 +3,10 @@
 // TF32, cuBLAS's own heuristic picks kernels for many of them that run far slower than the
 // ones cuBLASLt's picks: on an H200, [8, 256] x [256, 768] took 26 us against 3 us,
 // [8, 128] x [128, 128] 52 us against 2.4 us; of 48 shapes of 1 to 16 rows, cuBLASLt's choice
-// was slower in two (benchmarks/cuda_small_gemm.py, which times torch's own cuBLASLt path;
-// docs/internals.md). The backward's products of few rows (dgates W) stay with cuBLAS: through
-// cuBLASLt they measured slower at some sizes. Framework-free header; the per-thread cache of
-// plans lives in lt_gemm.cpp.
+// was slower by more than 2% in two and by at most 1.2% in 11 (benchmarks/cuda_small_gemm.py,
+// which times torch's own cuBLASLt path; docs/internals.md). The backward's products of few
+// rows (dgates W) stay with cuBLAS: through cuBLASLt they measured slower at some sizes.
+// Framework-free header; the per-thread cache of plans lives in lt_gemm.cpp.
 #pragma once
 
 #include <cublas_v2.h>
@@ -18,8 +18,9 @@
 namespace rnnext {
 namespace cuda {
 
-// Products with at most this many rows go to cuBLASLt. At 32 and 64 rows its choice was as
-// often slower as faster; at 16, slower once ([16, 1024] x [1024, 4096], 20 us against 17).
+// Products with at most this many rows go to cuBLASLt. At 32 and 64 rows its choice was
+// slower in 21 of 24 shapes (up to 2.75x); at 16, slower by more than 2% once ([16, 1024] x
+// [1024, 4096], 20 us against 17).
 constexpr int64_t kLtMaxRows = 16;
 
 // Queues row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C on `stream`, A stored [M, K]
