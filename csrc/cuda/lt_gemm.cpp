@@ -17,8 +17,9 @@ namespace rnnext {
 namespace cuda {
 namespace {
 
-// The largest of 16, 8 and 4 bytes that divides the address (cuBLASLt's heuristic otherwise
-// assumes 256-byte aligned operands; 16 is the most its kernels for these sizes ask for).
+// The largest of 16, 8 and 4 bytes that divides the address, for cuBLASLt's heuristic, which
+// otherwise assumes 256-byte aligned operands. (torch's own cuBLASLt calls say up to 256: here
+// a kernel that wants more than 16 is not considered.)
 uint32_t alignment(const void* pointer) {
   const auto address = reinterpret_cast<uintptr_t>(pointer);
   for (uint32_t bytes : {16u, 8u}) {
