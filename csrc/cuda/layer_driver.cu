@@ -59,13 +59,14 @@ constexpr cudaDataType_t blas_type() {
   return CUDA_R_32F;
 }
 
-// What a GEMM call needs besides its operands: the cuBLAS handle bound to `stream`, and the
-// direction's cuBLASLt scratch.
+// What a GEMM call needs besides its operands: the cuBLAS handle bound to `stream`, and, for
+// the forward's float products of few rows, cuBLASLt's scratch and the device (lt_gemm.h).
 struct Blas {
   cublasHandle_t handle;
   cudaStream_t stream;
-  void* lt_workspace;
-  uint64_t lt_workspace_bytes;
+  void* lt_workspace = nullptr;  // null: every product through cuBLAS
+  uint64_t lt_workspace_bytes = 0;
+  int device = 0;
 };
 
 // Row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C, with A stored [M, K] (or [K, M] when
@@ -84,12 +85,11 @@ void gemm(const Blas& blas, bool trans_a, bool trans_b, int64_t M, int64_t N, in
     return;
   }
   if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, float>) {
-    // Only the forward's layout A B^T (h W_hh^T; also x W_ih^T and m W_hr^T with as few
-    // rows): the backward's products of few rows (dgates W) measured slower through cuBLASLt
-    // at some sizes (lt_gemm.h).
-    if (!trans_a && trans_b && M <= kLtMaxRows &&
-        lt_gemm(blas.handle, blas.stream, blas.lt_workspace, blas.lt_workspace_bytes, trans_a,
-                trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc)) {
+    // (only the forward gives it a workspace, and all its products are A B^T: the backward's
+    // products of few rows, dgates W, measured slower through cuBLASLt at some sizes)
+    if (blas.lt_workspace != nullptr && !trans_a && trans_b && M <= kLtMaxRows &&
+        lt_gemm(blas.device, blas.stream, blas.lt_workspace, blas.lt_workspace_bytes, M, N, K, A,
+                lda, B, ldb, beta, C, ldc)) {
       return;
     }
   }
@@ -212,7 +212,12 @@ __global__ void backward_step_kernel(BackwardParams<T> p, int64_t t, int64_t n, 
 
 template <typename Cell, typename T>
 void forward_loop(const ForwardParams<T>& p, cublasHandle_t handle, cudaStream_t stream) {
-  const Blas blas{handle, stream, p.lt_workspace, p.lt_workspace_bytes};
+  Blas blas{handle, stream};
+  if (p.lt_workspace != nullptr && lt_gemm_applies(handle)) {
+    blas.lt_workspace = p.lt_workspace;
+    blas.lt_workspace_bytes = p.lt_workspace_bytes;
+    check_cuda(cudaGetDevice(&blas.device), "get device");
+  }
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   if (p.has_ended_rows(p.batch)) {
     // Rows past their end stay zero: kernels and GEMMs write active rows only, so one fill
@@ -307,7 +312,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
 
 template <typename Cell, typename T>
 void backward_loop(const BackwardParams<T>& p, cublasHandle_t handle, cudaStream_t stream) {
-  const Blas blas{handle, stream, p.lt_workspace, p.lt_workspace_bytes};
+  const Blas blas{handle, stream};
   const int64_t B = p.batch, P = p.out, H = p.hidden, GH = p.gates * H;
   check_cuda(cudaMemsetAsync(p.dgh_first, 0, B * GH * sizeof(acc_t<T>), stream), "memset");
   int64_t block_first = 0, block_count = 0;

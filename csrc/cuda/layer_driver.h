@@ -43,10 +43,6 @@ struct LayerDims : LayerSizes {
   const T* b_hh;  // [G*H] (zeros without biases)
   const T* h0;    // [B, P]
   const T* c0;    // [B, H] (LSTM), else null
-  // cuBLASLt's scratch for the forward's float products of few rows (lt_gemm.h), or null:
-  // those products then go to cuBLAS too (always in the backward)
-  void* lt_workspace;
-  uint64_t lt_workspace_bytes;
 
   RNNEXT_HD bool projected() const { return w_hr != nullptr; }
 };
@@ -60,6 +56,10 @@ struct ForwardParams : LayerDims<T> {
   T* h_n;             // [B, P]
   T* workspace;       // [T, B, ws_row] for backward, or null when backward will not run
   T* step_scratch;    // [B, ws_row]: each step's workspace row when workspace is null
+  // cuBLASLt's scratch for the float products of few rows (lt_gemm.h), or null: those
+  // products then go to cuBLAS too
+  void* lt_workspace;
+  uint64_t lt_workspace_bytes;
 };
 
 template <typename T>

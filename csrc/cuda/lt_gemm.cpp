@@ -28,7 +28,7 @@ uint32_t alignment(const void* pointer) {
   return 4;
 }
 
-using PlanKey = std::array<int64_t, 13>;
+using PlanKey = std::array<int64_t, 11>;
 
 struct PlanKeyHash {
   size_t operator()(const PlanKey& key) const {
@@ -98,20 +98,20 @@ class Plans {
 thread_local Plans plans;
 
 // Fills plan's descriptors and algorithm; leaves plan.usable false where any step fails.
-void make_plan(Plan& plan, cublasLtHandle_t handle, bool trans_a, bool trans_b, int64_t M,
-               int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, uint32_t align_a,
-               uint32_t align_b, uint32_t align_c, size_t workspace_bytes) {
-  // Column-major, as cuBLAS sees row-major C: C^T[N, M] = op(B)^T op(A)^T.
-  const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+void make_plan(Plan& plan, cublasLtHandle_t handle, int64_t M, int64_t N, int64_t K, int64_t lda,
+               int64_t ldb, int64_t ldc, uint32_t align_a, uint32_t align_b, uint32_t align_c,
+               size_t workspace_bytes) {
+  // Column-major, as cuBLAS sees row-major C = A B^T: C^T[N, M] = B A^T, so cuBLAS's A is our
+  // B ([N, K] row-major: K x N column-major, transposed) and its B our A (K x M, as it is).
+  const cublasOperation_t op_a = CUBLAS_OP_T, op_b = CUBLAS_OP_N;
   const auto ok = [](cublasStatus_t status) { return status == CUBLAS_STATUS_SUCCESS; };
   if (!ok(cublasLtMatmulDescCreate(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F)) ||
       !ok(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a,
                                          sizeof op_a)) ||
       !ok(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b,
                                          sizeof op_b)) ||
-      !ok(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, trans_b ? K : N, trans_b ? N : K, ldb)) ||
-      !ok(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, trans_a ? M : K, trans_a ? K : M, lda)) ||
+      !ok(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, K, N, ldb)) ||
+      !ok(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, K, M, lda)) ||
       !ok(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, N, M, ldc))) {
     return;
   }
@@ -142,22 +142,19 @@ void make_plan(Plan& plan, cublasLtHandle_t handle, bool trans_a, bool trans_b, 
 
 }  // namespace
 
-bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
-             bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (workspace == nullptr) return false;
-  // Only the default math mode was measured (cuda_small_gemm.py runs without TF32).
+bool lt_gemm_applies(cublasHandle_t blas) {
   cublasMath_t math = CUBLAS_DEFAULT_MATH;
   check_blas(cublasGetMathMode(blas, &math), "get math mode");
-  if ((static_cast<int>(math) & 0xf) != CUBLAS_DEFAULT_MATH) return false;
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "get device");
+  return (static_cast<int>(math) & 0xf) == CUBLAS_DEFAULT_MATH;
+}
+
+bool lt_gemm(int device, cudaStream_t stream, void* workspace, size_t workspace_bytes, int64_t M,
+             int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float beta, float* C, int64_t ldc) {
   cublasLtHandle_t handle = plans.handle(device);
   if (handle == nullptr) return false;
   const uint32_t align_a = alignment(A), align_b = alignment(B), align_c = alignment(C);
   const PlanKey key{device,
-                    trans_a,
-                    trans_b,
                     M,
                     N,
                     K,
@@ -169,8 +166,7 @@ bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t w
                     align_c,
                     static_cast<int64_t>(workspace_bytes)};
   Plan& plan = plans.find(key, [&](Plan& p) {
-    make_plan(p, handle, trans_a, trans_b, M, N, K, lda, ldb, ldc, align_a, align_b, align_c,
-              workspace_bytes);
+    make_plan(p, handle, M, N, K, lda, ldb, ldc, align_a, align_b, align_c, workspace_bytes);
   });
   if (!plan.usable) return false;
   const float alpha = 1.f;

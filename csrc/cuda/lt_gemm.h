@@ -23,15 +23,19 @@ namespace cuda {
 // [1024, 4096], 20 us against 17).
 constexpr int64_t kLtMaxRows = 16;
 
-// Queues row-major C[M, N] = op(A)[M, K] op(B)[K, N] + beta C on `stream`, A stored [M, K]
-// (or [K, M] when trans_a) and B stored [K, N] (or [N, K] when trans_b), all float, through
-// cuBLASLt with `workspace` as its scratch. Returns false where cuBLASLt does not apply (no
-// workspace, a math mode other than the default on `blas`, TF32 allowed say) or where it finds
-// or accepts no algorithm for the product; the caller then runs cuBLAS itself. Other cuBLAS
-// errors throw std::runtime_error.
-bool lt_gemm(cublasHandle_t blas, cudaStream_t stream, void* workspace, size_t workspace_bytes,
-             bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// Whether lt_gemm may take products that would otherwise run on `blas`: only cuBLAS's
+// default math mode was measured (with TF32 allowed, say, cuBLAS keeps them all). Asked once
+// per call of the time loop, not per product.
+bool lt_gemm_applies(cublasHandle_t blas);
+
+// Queues row-major C[M, N] = A B^T + beta C on `stream` of device `device`, A stored [M, K]
+// and B stored [N, K] (rows of ld lda and ldb), all float, through cuBLASLt with `workspace`
+// as its scratch. Returns false, having queued nothing, where cuBLASLt finds or accepts no
+// algorithm for the product; the caller then runs cuBLAS itself. Other cuBLAS errors throw
+// std::runtime_error.
+bool lt_gemm(int device, cudaStream_t stream, void* workspace, size_t workspace_bytes, int64_t M,
+             int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float beta, float* C, int64_t ldc);
 
 }  // namespace cuda
 }  // namespace rnnext
