@@ -98,17 +98,22 @@ def test_matches_reference(mode, shape, bias, with_state, bidirectional, device)
 @pytest.mark.parametrize(
     "lengths", [None, [6, 6, 4, 1, 1], [3, 6, 0, 1, 6], [0, 0, 0, 0, 0]], ids=str
 )
-def test_lengths_and_projection_match_reference(mode, bidirectional, proj, lengths, device):
+@pytest.mark.parametrize("state_grad", [True, False], ids=["state_grad", "state_fixed"])
+def test_lengths_and_projection_match_reference(
+    mode, bidirectional, proj, lengths, state_grad, device
+):
     """Per-sequence lengths (unsorted, zero, all padding) and LSTM projections, smaller and
-    larger than H, against the reference: outputs, states and every gradient."""
+    larger than H, against the reference: outputs, states and every gradient. A fixed initial
+    state (no gradient wanted) still enters dW_hh, while backward skips the product that would
+    only give its gradient at each row's first step."""
     torch.manual_seed(3)
     T, B, I, H = 6, 5, 4, 5
     D, P = 2 if bidirectional else 1, proj or H
     opts = dict(dtype=torch.float64, device=device)
     x = torch.randn(T, B, I, **opts, requires_grad=True)
     weights = layer_weights(mode, I, H, directions=D, proj=proj, **opts)
-    h0 = torch.randn(D, B, P, **opts, requires_grad=True)
-    c0 = torch.randn(D, B, H, **opts, requires_grad=True) if mode == "LSTM" else None
+    h0 = torch.randn(D, B, P, **opts, requires_grad=state_grad)
+    c0 = torch.randn(D, B, H, **opts, requires_grad=state_grad) if mode == "LSTM" else None
     lengths = torch.tensor(lengths) if lengths is not None else None
     (ours, our_grads), (ref, ref_grads) = run_both(
         mode, x, weights, h0, c0, True, bidirectional, lengths

@@ -277,6 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.grad_w_hr = s.has_proj ? grad(has_biases ? 4 : 2) : nullptr;
       p.dgh_first = at_d(dgh_first);
       p.dh = at_d(dh);
+      p.grad_h0 = need_state;
       p.dc = at_d(dc);
       p.dgx = at_d(dgx);
       p.dgh = at_d(dgh);

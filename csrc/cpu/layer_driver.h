@@ -370,8 +370,12 @@ struct BackwardParams : LayerDims<T> {
   T* grad_b_hh;  // [G*H]
   T* grad_w_hr;  // [P, H] (with a projection)
   T* dgh_first;  // [B, G*H] out: dgh at each row's first step (pairs with h0)
-  T* dh;         // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
+  T* dh;         // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0 (where grad_h0 is set)
   T* dc;         // [B, H] in: gradient w.r.t. c_n; out: w.r.t. c0
+  // Whether the gradients w.r.t. h0 and c0 are wanted. Without them, a row's first step
+  // skips its part of dh_prev = dgh @ W_hh: at T = 1 that was a quarter of backward's
+  // products (torch.nn's autograd skips it too, for the zero state it makes).
+  bool grad_h0;
   // Scratch, one block of steps each, compact.
   T* dgx;     // [block_steps * B, G*H] input-side pre-activation gradients
   T* dgh;     // [block_steps * B, G*H] hidden-side ones (may alias dgx)
@@ -655,8 +659,10 @@ void backward_direction(const BackwardParams<T>& p) {
         m.sync();  // the step's gate gradients are complete
         if (m.leader()) std::copy(dgh_t + n_cont * GH, dgh_t + n * GH, p.dgh_first + n_cont * GH);
       }
-      // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-      for_member_rows(m, by_rows, 0, n, [&](int64_t b, int64_t count, int64_t stride) {
+      // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows (the others keep
+      // theirs); for the rows at their first step that is the gradient w.r.t. h0
+      const int64_t dh_rows = p.grad_h0 ? n : n_cont;
+      for_member_rows(m, by_rows, 0, dh_rows, [&](int64_t b, int64_t count, int64_t stride) {
         weight_gemm<T>(count, P, GH, dgh_t + b * GH, stride * GH, p.hh,
                        Cell::kDirectHiddenGrad ? T(1) : T(0), p.dh + b * P, stride * P, nullptr,
                        state_cols);
