@@ -169,6 +169,25 @@ def test_cpu_workspace_cache(mode):
     assert functional.release_cpu_cache() == 0
 
 
+def test_cpu_packed_weights_cached():
+    """CPU: a weight's packed copy of 4 MB or more comes from the same cache (LSTM, I = H =
+    512, float32: each of W_ih and W_hh, packed for forward or for backward, is 4 MB). The
+    forward's two are freed when it returns, so backward's two reuse them, and a second call
+    reuses all four, with their old contents, and still matches the reference."""
+    functional.release_cpu_cache()
+    torch.manual_seed(11)
+    T, B, I, H = 4, 3, 512, 512
+    weights = layer_weights("LSTM", I, H, dtype=torch.float32)
+    before = functional.cpu_cache_stats()
+    for call in range(2):
+        x = torch.randn(T, B, I, requires_grad=True)
+        assert_matches("LSTM", x, weights, None, False, None)
+        stats = functional.cpu_cache_stats()
+        assert stats["allocated"] - before["allocated"] == 2
+        assert stats["reused"] - before["reused"] == 2 + 4 * call
+    assert functional.release_cpu_cache() >= 2 * 4 * H * I * 4
+
+
 def run_with_cache_setting(value: str, first: str = "") -> subprocess.CompletedProcess:
     """A bidirectional LSTM forward+backward (a 5 MB workspace) in a fresh process with
     RNNEXT_CPU_CACHE_MB=value, which prints the cache's counters; `first` is a statement run

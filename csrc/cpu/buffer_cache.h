@@ -1,5 +1,6 @@
 // Large host buffers kept for reuse: the workspace that a layer's forward saves for its
-// backward, and a bidirectional layer's per-direction input gradients. glibc maps an
+// backward, a bidirectional layer's per-direction input gradients, and the packed copies of
+// the weights (packed_gemm.h) that each call makes. glibc maps an
 // allocation of 32 MB or more afresh each time and unmaps it when freed, so every call paid a
 // page fault (and the zeroing of a page) per 4 KB it wrote: 10-20 ms of a 2-layer
 // bidirectional (200, 32, 256) forward+backward. A buffer freed here goes back to a small
@@ -12,7 +13,7 @@
 // torch.profiler's memory view does not see it, and torch's fill of uninitialised memory
 // (torch.utils.deterministic.fill_uninitialized_memory) does not apply to it, which is safe
 // because backward reads only the workspace entries that forward wrote, and the input
-// gradients are written whole before they are read.
+// gradients and packed weights are written whole before they are read.
 #pragma once
 
 #include <ATen/core/Tensor.h>

