@@ -421,6 +421,23 @@ def test_narrow_operands(mode, proj, I, bidirectional, with_lengths, dtype, devi
     assert_matches(mode, x, weights, None, bidirectional, lengths)
 
 
+@pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 40)], ids=str)
+@pytest.mark.parametrize("T, B", [(1, 1), (2, 5), (3, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_short_sequences_split_columns(mode, proj, T, B, bidirectional, dtype):
+    """CPU: a sequence of fewer than 4 steps leaves its weights unpacked, and a product of at
+    most 16 rows then has its columns shared among the threads in groups of 16, each a BLAS
+    call (sizes that make several groups per thread, with a partial last group)."""
+    torch.manual_seed(12)
+    I, H = 300, 200
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    D = 2 if bidirectional else 1
+    weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=dtype)
+    h0 = torch.randn(D, B, proj or H, dtype=dtype, requires_grad=True)
+    assert_matches(mode, x, weights, h0, bidirectional, None)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_batch(mode, device):
     x = torch.randn(3, 0, 4, dtype=torch.float64, device=device, requires_grad=True)
