@@ -176,7 +176,7 @@ def test_cpu_packed_weights_cached():
     reuses all four, with their old contents, and still matches the reference."""
     functional.release_cpu_cache()
     torch.manual_seed(11)
-    T, B, I, H = 4, 3, 512, 512
+    T, B, I, H = 4, 5, 512, 512  # 20 rows: packed
     weights = layer_weights("LSTM", I, H, dtype=torch.float32)
     before = functional.cpu_cache_stats()
     for call in range(2):
@@ -394,7 +394,7 @@ def test_packed_kernel(
     one thread."""
     monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
     torch.manual_seed(6)
-    T, I = 6, 20
+    T, I = (6 if batch > 2 else 17), 20  # at least 17 rows (T * B): the weights are packed
     x = torch.randn(T, batch, I, dtype=dtype, device=device, requires_grad=True)
     D = 2 if bidirectional else 1
     weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=dtype, device=device)
@@ -422,13 +422,13 @@ def test_narrow_operands(mode, proj, I, bidirectional, with_lengths, dtype, devi
 
 
 @pytest.mark.parametrize("mode, proj", [(m, 0) for m in MODES] + [("LSTM", 40)], ids=str)
-@pytest.mark.parametrize("T, B", [(1, 1), (2, 5), (3, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("T, B", [(1, 1), (2, 5), (3, 16), (4, 4)], ids=lambda v: str(v))
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_short_sequences_split_columns(mode, proj, T, B, bidirectional, dtype):
-    """CPU: a sequence of fewer than 4 steps leaves its weights unpacked, and a product of at
-    most 16 rows then has its columns shared among the threads in groups of 16, each a BLAS
-    call (sizes that make several groups per thread, with a partial last group)."""
+    """CPU: a call of fewer than 4 steps or 17 rows (T * B) leaves its weights unpacked, and a
+    product of at most 16 rows then has its columns shared among the threads in groups of 16,
+    each a BLAS call (sizes that make several groups per thread, with a partial last group)."""
     torch.manual_seed(12)
     I, H = 300, 200
     x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)

@@ -25,22 +25,33 @@ using std::optional;
 
 // GEMMs whose right-hand operand is a weight run on a packed copy of it (packed_gemm.h), at
 // every batch size: in float, batches of 128 to 1024 ran 2-20% faster end to end than with
-// MKL. Packing costs about one pass over the weight, so very short sequences skip it.
+// MKL. Packing costs about one pass over the weight, so a call packs only with at least
+// kPackedMinSteps steps and kPackedMinRows rows (T * B); below that its products go to BLAS,
+// with few rows split among the threads (weight_gemm). Measured on 2 threads, one process per
+// setting (best of 3 x 5): with 16 rows or fewer BLAS took 0.30-0.77 of the packed time
+// (GRU (4, 1, 512) forward 0.30, LSTM (8, 1, 1024) 0.49, forward+backward 0.41-1.05), with
+// 20 rows or more the packed path won (BLAS 1.06-1.70 of its time, LSTM (50, 1, 1024)
+// forward 0.98).
 constexpr int64_t kPackedMinSteps = 4;
+constexpr int64_t kPackedMinRows = 17;
+
+bool packs_operands(const LayerShape& s) {
+  return s.T >= kPackedMinSteps && s.T * s.B >= kPackedMinRows;
+}
 
 // Elements per packed copy of R [K, N] in the input's dtype (float or double).
 int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
   return (dtype == at::kDouble ? packed_ld<double>(N) : packed_ld<float>(N)) * K;
 }
 
-// The packed copy of a GEMM's right-hand weight operand (at least kPackedMinSteps steps;
-// undefined otherwise): column tiles, or R^T [N, K] where N is narrow. weight is R [K, N], or
+// The packed copy of a GEMM's right-hand weight operand (where packs_operands(s); undefined
+// otherwise): column tiles, or R^T [N, K] where N is narrow. weight is R [K, N], or
 // R^T [N, K] when transposed; contiguous. Tiles of 4 MB or more come from the buffer cache:
 // measured against fresh memory, LSTM forward at (8, 4, 512) and (4, 8, 1024) took 0.72-0.89
 // of the time, forward+backward 0.81-0.97 (separate processes, best of 3 x 5).
 Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
                     const LayerShape& s) {
-  if (!weight.defined() || s.T < kPackedMinSteps) return Tensor();
+  if (!weight.defined() || !packs_operands(s)) return Tensor();
   Tensor packed;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "rnnext_pack_operand", [&] {
     if (is_narrow<scalar_t>(N)) {
@@ -239,9 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor x_rows = gathers ? at::empty({s.D, steps * s.B, s.I}, opts) : Tensor();
   const Tensor h_rows = gathers ? at::empty({s.D, steps * s.B, s.P}, opts) : Tensor();
   const Tensor m_rows = gathers && s.has_proj ? at::empty({s.D, steps * s.B, s.H}, opts) : Tensor();
-  // the weight gradients' right operands packed (at least kPackedMinSteps steps, as for the
-  // weights)
-  const bool packs_rows = need_weights && s.T >= kPackedMinSteps;
+  // the weight gradients' right operands packed (where the weights are)
+  const bool packs_rows = need_weights && packs_operands(s);
   const auto dtype = input.scalar_type();
   const Tensor packed_x =
       packs_rows ? at::empty({s.D, packed_size(dtype, steps * s.B, s.I)}, opts) : Tensor();

@@ -126,8 +126,8 @@ inline int64_t packed_chunk_rows(int64_t K) {
   return std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 64, 1024);
 }
 
-// Rows up to which a BLAS product (an unpacked weight: a sequence of fewer than 4 steps) has
-// its columns split among the threads. Measured on 2 threads, one process per setting (best
+// Rows up to which a BLAS product (an unpacked weight: a call of fewer than 4 steps or 17 rows)
+// has its columns split among the threads. Measured on 2 threads, one process per setting (best
 // of 3 x 5), time against one BLAS call: T = 1 forward at B = 1, 4, 16 and H = 256-1024
 // 0.27-0.91 (GRU (1, 1, 1024) 0.29), forward+backward 0.46-1.03; at 32 to 128 rows the
 // split gained nothing beyond noise (0.82-1.13), as BLAS threads those itself.
