@@ -290,8 +290,9 @@ def cpu_cache_stats() -> dict[str, int]:
     written. A call reuses a cached buffer of at least its size and at most 5/4 of it. The
     cache holds at most ``RNNEXT_CPU_CACHE_MB`` megabytes (default 1024, ``0`` turns it off),
     dropping its oldest buffers beyond that; what it holds stays allocated until
-    :func:`release_cpu_cache`, and ``torch.profiler``'s memory view does not count it. The setting is read at the cache's first use; a value that is not a whole
-    number of megabytes makes every use raise a RuntimeError that names it: this function,
+    :func:`release_cpu_cache`, and ``torch.profiler``'s memory view does not count it. The
+    setting is read at the cache's first use; a value that is not a whole number of megabytes
+    makes every use raise a RuntimeError that names it: this function,
     :func:`release_cpu_cache`, and every CPU call with a buffer that large.
     Returns ``reused`` (buffers handed out again), ``allocated`` (buffers newly allocated for
     it) and ``cached_bytes`` (held now, free for reuse).
