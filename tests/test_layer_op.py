@@ -427,8 +427,9 @@ def test_narrow_operands(mode, proj, I, bidirectional, with_lengths, dtype, devi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_short_sequences_split_columns(mode, proj, T, B, bidirectional, dtype):
     """CPU: a call of fewer than 4 steps or 17 rows (T * B) leaves its weights unpacked, and a
-    product of at most 16 rows then has its columns shared among the threads in groups of 16,
-    each a BLAS call (sizes that make several groups per thread, with a partial last group)."""
+    product of at most 16 rows then has its column tiles (32 floats, 16 doubles) shared among
+    the threads, each share a BLAS call (sizes that make several tiles per thread, with a
+    partial last tile)."""
     torch.manual_seed(12)
     I, H = 300, 200
     x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)

@@ -163,14 +163,9 @@ void weight_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
     blas_cols(cols.begin, cols.end);
     return;
   }
-  // BLAS ran a product of so few rows on one thread: the columns are shared out among torch's
-  // threads instead, in groups of 16, each a BLAS call of its own.
-  constexpr int64_t kGroup = 16;
-  const int64_t groups = (cols.size() + kGroup - 1) / kGroup;
-  parallel_for_leaf(
-      0, groups, 65536 / std::max<int64_t>(1, M * K * kGroup) + 1, [&](int64_t g0, int64_t g1) {
-        blas_cols(cols.begin + g0 * kGroup, std::min(cols.end, cols.begin + g1 * kGroup));
-      });
+  // BLAS ran a product of so few rows on one thread: its column tiles are shared out among
+  // torch's threads instead, as for the packed kernel, each share a BLAS call of its own.
+  parallel_over_tiles<T>(cols, M * K * kPackedTile<T>, blas_cols);
 }
 
 }  // namespace cpu
