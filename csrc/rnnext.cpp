@@ -17,12 +17,19 @@
 // layer_backward returns grad_input [T, B, I], grad_hx [D, B, P], grad_cx [D, B, H] and the
 // weight gradients in the order of `weights`; each is empty where output_mask (input, states,
 // weights) says it is not needed. A None gradient argument counts as zeros.
+//   bf16_products  leave to the backend whether the products with the weights (forward:
+//            x W_ih^T, h W_hh^T, m W_hr^T; backward: the gate gradients times W_ih, W_hh and
+//            dh' W_hr) take both operands rounded to bfloat16 and sum in float32, as
+//            torch.nn's bfloat16 layers compute; for float32 tensors that hold the values of
+//            bfloat16 ones (a module converted with .bfloat16() on the CPU). The CPU does so
+//            where it has AVX512-BF16; elsewhere, and on CUDA, it changes nothing.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <exception>
 
 #include "cpu/buffer_cache.h"
+#include "cpu/packed_gemm.h"
 
 namespace {
 
@@ -59,8 +66,14 @@ PyObject* release_cpu_cache(PyObject*, PyObject*) {
       [] { return PyLong_FromLongLong(rnnext::cpu::release_cached_buffers()); });
 }
 
+// _cpu_has_bf16_dot() -> whether bf16_products takes effect on this CPU (AVX512-BF16)
+PyObject* cpu_has_bf16_dot(PyObject*, PyObject*) {
+  return translate_errors([] { return PyBool_FromLong(rnnext::cpu::cpu_has_bf16_dot()); });
+}
+
 PyMethodDef methods[] = {
     {"_cpu_cache_stats", cpu_cache_stats, METH_NOARGS, nullptr},
+    {"_cpu_has_bf16_dot", cpu_has_bf16_dot, METH_NOARGS, nullptr},
     {"_release_cpu_cache", release_cpu_cache, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
@@ -68,7 +81,7 @@ PyMethodDef methods[] = {
 }  // namespace
 
 // `import rnnext._C` loads this library, which registers the ops; the module's own functions
-// only report on and empty the CPU workspace cache.
+// report on and empty the CPU workspace cache and say whether the CPU has bfloat16 products.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
@@ -77,14 +90,16 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(rnnext, m) {
   m.def(
       "layer_forward(str mode, Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
-      "bool has_biases, bool bidirectional, Tensor? lengths, bool need_workspace) "
+      "bool has_biases, bool bidirectional, Tensor? lengths, bool need_workspace, "
+      "bool bf16_products=False) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "layer_backward(str mode, Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
       "Tensor output, Tensor workspace, Tensor? grad_output, Tensor? grad_h_n, "
       "Tensor? grad_c_n, bool has_biases, bool bidirectional, Tensor? lengths, "
-      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "bool[3] output_mask, bool bf16_products=False) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_cx, "
       "Tensor[] grad_weights)",
       {at::Tag::pt2_compliant_tag});
   // Counters of the CUDA graph replay of repeated calls (csrc/cuda/graph_replay.h), process

@@ -6,8 +6,8 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the ops and their fake kernels)
 
-# Both Functions take four non-tensor arguments first, then input, hx, cx and the weights.
-_FIRST_TENSOR = 4
+# Both Functions take five non-tensor arguments first, then input, hx, cx and the weights.
+_FIRST_TENSOR = 5
 
 
 def _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights):
@@ -89,23 +89,34 @@ class _PositionalFunction(torch.autograd.Function):
 class LayerFunction(_PositionalFunction):
     """One recurrent layer.
 
-    Inputs: (mode, has_biases, bidirectional, lengths, input, hx, cx, *weights); returns
-    (output, h_n, c_n, workspace). The workspace holds what backward needs and is not
+    Inputs: (mode, has_biases, bidirectional, bf16_products, lengths, input, hx, cx, *weights);
+    returns (output, h_n, c_n, workspace) (bf16_products: see the op schemas in
+    csrc/rnnext.cpp). The workspace holds what backward needs and is not
     differentiable. Backward computes only the gradient groups (input, states, weights) that
     some input asks for, and hands None output gradients to the op as zeros without making them.
     """
 
     @staticmethod
-    def forward(mode, has_biases, bidirectional, lengths, input, hx, cx, *weights):
+    def forward(mode, has_biases, bidirectional, bf16_products, lengths, input, hx, cx, *weights):
         return torch.ops.rnnext.layer_forward(
-            mode, input, list(weights), hx, cx, has_biases, bidirectional, lengths, True
+            mode,
+            input,
+            list(weights),
+            hx,
+            cx,
+            has_biases,
+            bidirectional,
+            lengths,
+            True,
+            bf16_products,
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mode, has_biases, bidirectional, lengths, input, hx, cx, *weights = inputs
+        mode, has_biases, bidirectional, bf16_products, lengths, input, hx, cx, *weights = inputs
         out, _h_n, _c_n, workspace = output
         ctx.mode, ctx.has_biases, ctx.bidirectional = mode, has_biases, bidirectional
+        ctx.bf16_products = bf16_products
         ctx.save_for_backward(lengths, input, hx, cx, out, workspace, *weights)
         ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)
@@ -142,6 +153,7 @@ class LayerFunction(_PositionalFunction):
             ctx.bidirectional,
             lengths,
             [need_input, need_hx or need_cx, any(need_weights)],
+            ctx.bf16_products,
         )
         return _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights)
 
@@ -157,23 +169,32 @@ def _segments(steps: int, every: int, lengths):
 class CheckpointedLayerFunction(_PositionalFunction):
     """One unidirectional layer that keeps only the state every ``every`` steps.
 
-    Inputs: (mode, has_biases, lengths, every, input, hx, cx, *weights); returns (output, h_n,
-    c_n). Forward runs the layer segment by segment without saving what backward needs, and
-    keeps each segment's initial state. Backward runs the segments in reverse order: for each,
-    it recomputes the segment's forward (now saving) and runs its backward, carrying the state
-    gradients to the segment before. Memory for backward is then that of one segment, at the
-    price of a second forward pass.
+    Inputs: (mode, has_biases, bf16_products, lengths, every, input, hx, cx, *weights); returns
+    (output, h_n, c_n). Forward runs the layer segment by segment without saving what backward
+    needs, and keeps each segment's initial state. Backward runs the segments in reverse
+    order: for each, it recomputes the segment's forward (now saving) and runs its backward,
+    carrying the state gradients to the segment before. Memory for backward is then that of
+    one segment, at the price of a second forward pass.
     """
 
     @staticmethod
-    def forward(mode, has_biases, lengths, every, input, hx, cx, *weights):
+    def forward(mode, has_biases, bf16_products, lengths, every, input, hx, cx, *weights):
         output, starts_h, starts_c = None, [], []
         h, c = hx, cx
         for start, stop, seg_lengths in _segments(input.shape[0], every, lengths):
             starts_h.append(h)
             starts_c.append(c)
             out, h, c, _ = torch.ops.rnnext.layer_forward(
-                mode, input[start:stop], list(weights), h, c, has_biases, False, seg_lengths, False
+                mode,
+                input[start:stop],
+                list(weights),
+                h,
+                c,
+                has_biases,
+                False,
+                seg_lengths,
+                False,
+                bf16_products,
             )
             if output is None:  # filled segment by segment: no second copy at the end
                 output = out.new_empty((input.shape[0], *out.shape[1:]))
@@ -186,8 +207,9 @@ class CheckpointedLayerFunction(_PositionalFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mode, has_biases, lengths, every, input, hx, cx, *weights = inputs
+        mode, has_biases, bf16_products, lengths, every, input, hx, cx, *weights = inputs
         ctx.mode, ctx.has_biases, ctx.every, ctx.n_weights = mode, has_biases, every, len(weights)
+        ctx.bf16_products = bf16_products
         ctx.save_for_backward(lengths, input, hx, cx, *weights, *output[3:])
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)
@@ -219,7 +241,16 @@ class CheckpointedLayerFunction(_PositionalFunction):
             x = input[start:stop]
             h0, c0 = starts_h[k], starts_c[k]
             out, _, _, workspace = torch.ops.rnnext.layer_forward(
-                ctx.mode, x, list(weights), h0, c0, ctx.has_biases, False, seg_lengths, True
+                ctx.mode,
+                x,
+                list(weights),
+                h0,
+                c0,
+                ctx.has_biases,
+                False,
+                seg_lengths,
+                True,
+                ctx.bf16_products,
             )
             go = grad_output[start:stop] if grad_output is not None else None
             gi, dh, dc, gw = torch.ops.rnnext.layer_backward(
@@ -237,6 +268,7 @@ class CheckpointedLayerFunction(_PositionalFunction):
                 False,
                 seg_lengths,
                 [need_input, True, any(need_weights)],
+                ctx.bf16_products,
             )
             dc = dc if is_lstm else None
             if need_input:

@@ -102,7 +102,16 @@ def _layer_sizes(
 
 @torch.library.register_fake("rnnext::layer_forward")
 def _layer_forward_fake(
-    mode, input, weights, hx, cx, has_biases, bidirectional, lengths, need_workspace
+    mode,
+    input,
+    weights,
+    hx,
+    cx,
+    has_biases,
+    bidirectional,
+    lengths,
+    need_workspace,
+    bf16_products=False,
 ):
     T, B, H, P, D, ws_row = _layer_sizes(
         "rnnext.layer_forward", mode, input, weights, hx, cx, has_biases, bidirectional, lengths
@@ -130,6 +139,7 @@ def _layer_backward_fake(
     bidirectional,
     lengths,
     output_mask,
+    bf16_products=False,
 ):
     op = "rnnext.layer_backward"
     T, B, H, P, D, ws_row = _layer_sizes(

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -117,7 +118,6 @@ DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-HALF_DTYPES = ("float16", "bfloat16")
 # Largest allowed difference relative to a tensor's largest value, per half type: a few
 # hundred unit roundoffs (2^-11, 2^-8) for errors that grow along the recurrence.
 HALF_TOLERANCE = {torch.float16: 0.02, torch.bfloat16: 0.08}
@@ -269,19 +269,33 @@ def check_agreement(reference: nn.Module, fused: nn.Module, x: Tensor, hx: State
     """Runs both passes on both modules; None if all results agree, else the first difference.
 
     Compared: the no-grad forward's output and final states, and after forward+backward of a
-    weighted sum of them the output, final states, input grad and every parameter grad.
+    weighted sum of them the output, final states, input grad and every parameter grad. A
+    reference module in another dtype than x (a float32 copy for bfloat16 on the CPU) runs on
+    x and hx in its dtype, and its results are rounded to x's before the comparison.
     """
     names = ["output", "h_n", "c_n"] if isinstance(hx, tuple) else ["output", "h_n"]
     grad_names = ["input grad"] + [f"{n} grad" for n, _ in reference.named_parameters()]
+    ref_dtype = next(reference.parameters()).dtype
+
+    def inputs_for(module: nn.Module) -> tuple[Tensor, State]:
+        if module is fused or ref_dtype == x.dtype:
+            return x, hx
+        state = tuple(t.to(ref_dtype) for t in hx) if isinstance(hx, tuple) else hx.to(ref_dtype)
+        return x.to(ref_dtype), state
+
     with torch.no_grad():
-        forward = [_results(module(x, hx)) for module in (reference, fused)]
+        forward = [
+            [t.to(x.dtype) for t in _results(module(*inputs_for(module)))]
+            for module in (reference, fused)
+        ]
     backward = []
     for module in (reference, fused):
-        leaf = x.detach().clone().requires_grad_(True)
-        output = module(leaf, hx)
+        module_x, module_hx = inputs_for(module)
+        leaf = module_x.detach().clone().requires_grad_(True)
+        output = module(leaf, module_hx)
         weighted_loss(output).backward()
         grads = [leaf.grad] + [p.grad for p in module.parameters()]
-        backward.append([t.detach() for t in _results(output)] + grads)
+        backward.append([t.detach().to(x.dtype) for t in _results(output) + grads])
         module.zero_grad(set_to_none=True)
     for pass_name, (expected, actual), labels in zip(
         PASSES, (forward, backward), (names, names + grad_names)
@@ -457,6 +471,8 @@ def machine_info(device: torch.device, dtype_name: str) -> Record:
     """Fields describing the machine and software, added to every record."""
     device_name = "cpu"
     extra: Record = {}
+    if device.type == "cpu" and dtype_name == "bfloat16":
+        extra = {"cpu_bf16_products": rnnext.functional.cpu_bf16_products()}
     if device.type == "cuda":
         device_name = f"cuda ({torch.cuda.get_device_name(device)})"
         extra = {
@@ -520,7 +536,14 @@ def prepare_config(
     ]
     reference, fused = build_pair(config, dtype, device, seed)
     x, hx = make_inputs(config, dtype, device, seed)
-    mismatch = check_agreement(reference, fused, x, hx)
+    # torch.nn's bfloat16 GRU and RNN on the CPU sum their bias gradients step by step in
+    # bfloat16: at 500x8x128, 3-5% of the gradient's scale off the float64 result (rnnext's:
+    # 0.2%), tens of percent with this check's weighted loss. They are checked against
+    # torch.nn in float32 on the same bfloat16 values instead.
+    oracle = reference
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        oracle = copy.deepcopy(reference).float()
+    mismatch = check_agreement(oracle, fused, x, hx)
     if mismatch is not None:
         for record in records:
             record.update(status="MISMATCH", agree=False, note=mismatch)
@@ -529,7 +552,7 @@ def prepare_config(
         pass_name: [_pass_step(module, x, hx, pass_name) for module in (reference, fused)]
         for pass_name in PASSES
     }
-    return Trial(config, records, steps, lambda: check_agreement(reference, fused, x, hx))
+    return Trial(config, records, steps, lambda: check_agreement(oracle, fused, x, hx))
 
 
 def recheck_after_timing(trial: Trial) -> None:
@@ -753,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=tuple(DTYPES),
         default="float32",
-        help="float32 (default), float64; float16 and bfloat16 on CUDA",
+        help="float32 (default), float64, bfloat16 (on the CPU: modules converted with "
+        ".bfloat16(), see rnnext.functional.cpu_bf16_products); float16 on CUDA",
     )
     parser.add_argument(
         "--tf32",
@@ -795,8 +819,8 @@ def run(argv: Sequence[str] | None = None) -> list[Record]:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    if args.dtype in HALF_DTYPES and args.device != "cuda":
-        parser.error(f"--dtype {args.dtype} needs --device cuda")
+    if args.dtype == "float16" and args.device != "cuda":
+        parser.error("--dtype float16 needs --device cuda")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32

@@ -71,11 +71,15 @@ def recurrent_layer(
 
     float16 and bfloat16 on the CPU (a module converted with ``.bfloat16()``, say, which
     torch.nn runs there too): the layer computes in float32 and returns the input's dtype;
-    gradients come back in each tensor's own dtype.
+    gradients come back in each tensor's own dtype. In bfloat16, on a CPU with AVX512-BF16,
+    the products with the weights take their operands (the input, the state, the gate
+    gradients) rounded to bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up
+    to twice the float32 speed. Everything else stays float32.
     """
     _check_device(input)
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])
     half_on_cpu = input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16)
+    bf16_products = half_on_cpu and input.dtype == torch.bfloat16
     if half_on_cpu:
         half = input.dtype
         input, hx, cx, *weights = [
@@ -107,15 +111,33 @@ def recurrent_layer(
             )
         if checkpoint_every is not None and input.shape[0] > 0:  # (T = 0: the op's error)
             output, h_n, c_n = _checkpointed_layer(
-                mode, input, weights, hx, cx, has_biases, bidirectional, lengths, checkpoint_every
+                mode,
+                input,
+                weights,
+                hx,
+                cx,
+                has_biases,
+                bidirectional,
+                lengths,
+                checkpoint_every,
+                bf16_products,
             )
         else:
             output, h_n, c_n, _ = LayerFunction.apply(
-                mode, has_biases, bidirectional, lengths, input, hx, cx, *weights
+                mode, has_biases, bidirectional, bf16_products, lengths, input, hx, cx, *weights
             )
     else:
         output, h_n, c_n, _ = torch.ops.rnnext.layer_forward(
-            mode, input, list(weights), hx, cx, has_biases, bidirectional, lengths, False
+            mode,
+            input,
+            list(weights),
+            hx,
+            cx,
+            has_biases,
+            bidirectional,
+            lengths,
+            False,
+            bf16_products,
         )
     if order is not None:
         output, h_n, c_n = select_batch([output, h_n, c_n], torch.argsort(order).to(input.device))
@@ -134,6 +156,7 @@ def _checkpointed_layer(
     bidirectional: bool,
     lengths: Tensor | None,
     every: int,
+    bf16_products: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A layer with checkpoint_every, on a batch sorted longest first. A bidirectional layer runs
     its directions one after the other: the reverse one as a forward pass over each sequence
@@ -149,6 +172,7 @@ def _checkpointed_layer(
         output, h_n, c_n, *_ = CheckpointedLayerFunction.apply(
             mode,
             has_biases,
+            bf16_products,
             lengths,
             every,
             x,
@@ -299,6 +323,14 @@ def cpu_cache_stats() -> dict[str, int]:
     """
     names = ("reused", "allocated", "cached_bytes")
     return dict(zip(names, _C._cpu_cache_stats()))
+
+
+def cpu_bf16_products() -> bool:
+    """Whether bfloat16 layers on this CPU multiply in bfloat16 (AVX512-BF16's dot products,
+    sums in float32; see :func:`recurrent_layer`). Where not, they compute wholly in float32."""
+    from . import _C
+
+    return bool(_C._cpu_has_bf16_dot())
 
 
 def release_cpu_cache() -> int:

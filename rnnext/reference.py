@@ -14,6 +14,12 @@ import torch
 Tensor = torch.Tensor
 
 
+def bf16_operand(t: Tensor) -> Tensor:
+    """t with its values rounded to bfloat16 (in t's dtype), its gradient passed through as if
+    unrounded."""
+    return t + (t.to(torch.bfloat16).to(t.dtype) - t).detach()
+
+
 def cell_step(
     mode: str,
     x: Tensor,
@@ -24,13 +30,17 @@ def cell_step(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     w_hr: Tensor | None = None,
+    *,
+    bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """One step of one cell. x [B, I], h [B, P], c [B, H]; returns (h', c') (c' None but LSTM).
 
-    w_hr [P, H] projects an LSTM's output: h' = w_hr (o * tanh(c')).
+    w_hr [P, H] projects an LSTM's output: h' = w_hr (o * tanh(c')). bf16_products: the
+    operands of the products with the weights rounded to bfloat16 (bf16_operand).
     """
-    gx = x @ w_ih.t()
-    gh = h @ w_hh.t()
+    rnd = bf16_operand if bf16_products else (lambda t: t)
+    gx = rnd(x) @ rnd(w_ih).t()
+    gh = rnd(h) @ rnd(w_hh).t()
     if b_ih is not None:
         gx = gx + b_ih
         gh = gh + b_hh
@@ -49,7 +59,7 @@ def cell_step(
         i, f, g, o = (gx + gh).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        return (h_new if w_hr is None else h_new @ w_hr.t()), c_new
+        return (h_new if w_hr is None else rnd(h_new) @ rnd(w_hr).t()), c_new
     raise ValueError(f"mode must be 'RNN_TANH', 'RNN_RELU', 'GRU' or 'LSTM', got {mode!r}")
 
 
@@ -63,11 +73,14 @@ def recurrent_layer(
     has_biases: bool = True,
     bidirectional: bool = False,
     lengths: Tensor | None = None,
+    bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`rnnext.functional.recurrent_layer`, one step at a time.
 
     With ``lengths``, row b takes part in steps ``t < lengths[b]`` only: its outputs past that
     are zero, its state stops there, and the reverse direction starts at its own last step.
+    ``bf16_products``: the products with the weights take their operands rounded to bfloat16
+    (what the ops' bf16_products does), with gradients passed through the rounding.
     """
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
@@ -91,7 +104,9 @@ def recurrent_layer(
             c = cx[d] if cx is not None else input.new_zeros(B, H)
         out = [None] * T
         for t in range(T - 1, -1, -1) if d == 1 else range(T):
-            h_new, c_new = cell_step(mode, input[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            h_new, c_new = cell_step(
+                mode, input[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, bf16_products=bf16_products
+            )
             mask = active[t][:, None]
             out[t] = torch.where(mask, h_new, torch.zeros_like(h_new))
             h = torch.where(mask, h_new, h)

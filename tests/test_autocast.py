@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import MODES, flat, make_module, module_pair, weighted_loss
 
+from rnnext import functional
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_autocast_runs_in_float32(mode):
@@ -59,7 +61,9 @@ def test_cpu_half_types_compute_in_float32(mode, dtype):
     computes in float32 on the half values and returns the half type, bitwise what a float32
     call on the converted values gives, gradients included (in each tensor's own dtype);
     outputs and states agree with torch.nn's half-type results within a few of the type's
-    rounding steps."""
+    rounding steps. (bfloat16 on a CPU with AVX512-BF16 rounds the operands of the weight
+    products as well: tests/test_bf16.py; there only the dtypes and the agreement with torch.nn
+    are checked here.)"""
     torch.manual_seed(0)
     # one layer: between layers the activations are in the half type, as in torch.nn
     theirs, ours = module_pair(mode, 6, 8, dtype=dtype, bidirectional=True)
@@ -78,10 +82,11 @@ def test_cpu_half_types_compute_in_float32(mode, dtype):
     got, got_grads = run(ours, x, lambda t: t)
     want, want_grads = run(wide, x.float(), lambda t: t.to(dtype))
     assert all(t.dtype == dtype for t in (*got, *got_grads))
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    for a, b in zip(got_grads, want_grads):
-        assert torch.equal(a, b.to(dtype))
+    if not (dtype == torch.bfloat16 and functional.cpu_bf16_products()):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        for a, b in zip(got_grads, want_grads):
+            assert torch.equal(a, b.to(dtype))
     eps = torch.finfo(dtype).eps
     with torch.no_grad():
         for a, b in zip(flat(ours(x)), flat(theirs(x))):

@@ -26,10 +26,11 @@ CASES = [(m, 0, None) for m in MODES] + [("LSTM", 4, None), ("GRU", 0, [4, 2, 0]
 @pytest.mark.parametrize("mode, proj, lengths", CASES, ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("need_workspace", [True, False], ids=["train", "infer"])
-def test_layer_forward(mode, proj, lengths, bidirectional, need_workspace, device):
+@pytest.mark.parametrize("bf16_products", [False, True], ids=["float", "bf16"])
+def test_layer_forward(mode, proj, lengths, bidirectional, need_workspace, bf16_products, device):
     x, weights, hx, cx = sample_args(mode, device, bidirectional, proj)
     lengths = torch.tensor(lengths) if lengths is not None else None
-    args = (mode, x, weights, hx, cx, True, bidirectional, lengths, need_workspace)
+    args = (mode, x, weights, hx, cx, True, bidirectional, lengths, need_workspace, bf16_products)
     torch.library.opcheck(torch.ops.rnnext.layer_forward.default, args)
 
 
@@ -38,7 +39,8 @@ def test_layer_forward(mode, proj, lengths, bidirectional, need_workspace, devic
 @pytest.mark.parametrize(
     "mask", [(True, True, True), (False, False, True), (True, False, False)], ids=str
 )
-def test_layer_backward(mode, proj, lengths, bidirectional, mask, device):
+@pytest.mark.parametrize("bf16_products", [False, True], ids=["float", "bf16"])
+def test_layer_backward(mode, proj, lengths, bidirectional, mask, bf16_products, device):
     x, weights, hx, cx = sample_args(mode, device, bidirectional, proj)
     lengths = torch.tensor(lengths) if lengths is not None else None
     fwd = (mode, x, weights, hx, cx, True, bidirectional, lengths, True)
@@ -59,6 +61,7 @@ def test_layer_backward(mode, proj, lengths, bidirectional, mask, device):
         bidirectional,
         lengths,
         list(mask),
+        bf16_products,
     )
     torch.library.opcheck(torch.ops.rnnext.layer_backward.default, args)
 

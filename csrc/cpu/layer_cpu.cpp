@@ -49,9 +49,18 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
 // R^T [N, K] when transposed; contiguous. Tiles of 4 MB or more come from the buffer cache:
 // measured against fresh memory, LSTM forward at (8, 4, 512) and (4, 8, 1024) took 0.72-0.89
 // of the time, forward+backward 0.81-0.97 (separate processes, best of 3 x 5).
+//
+// With bf16 (bf16_products, float, a CPU with AVX512-BF16 and N not narrow) the copy is
+// packed in bfloat16 for packed_gemm_bf16 (packed_gemm.h).
 Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
-                    const LayerShape& s) {
+                    const LayerShape& s, bool bf16) {
   if (!weight.defined() || !packs_operands(s)) return Tensor();
+  if (bf16 && weight.scalar_type() == at::kFloat && !is_narrow<float>(N) && cpu_has_bf16_dot()) {
+    Tensor packed = empty_cached({packed_bf16_size(K, N)}, weight.options().dtype(at::kBFloat16));
+    pack_right_operand_bf16(weight.const_data_ptr<float>(), K, N, transposed, transposed ? K : N,
+                            static_cast<uint16_t*>(packed.mutable_data_ptr()));
+    return packed;
+  }
   Tensor packed;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "rnnext_pack_operand", [&] {
     if (is_narrow<scalar_t>(N)) {
@@ -72,17 +81,20 @@ struct DirectionInputs : DirectionTensors {
   bool backward;
 
   DirectionInputs(const LayerShape& s, int64_t d, const optional<Tensor>& hx,
-                  const optional<Tensor>& cx, const at::TensorOptions& opts, bool backward_pass)
+                  const optional<Tensor>& cx, const at::TensorOptions& opts, bool backward_pass,
+                  bool bf16_products)
       : DirectionTensors(s, d, hx, cx, opts), backward(backward_pass) {
     // forward: x @ w_ih^T, h @ w_hh^T and m @ w_hr^T; backward: dgx @ w_ih, dgh @ w_hh and
     // dh' @ w_hr
     const int64_t GH = s.G * s.H;
-    ih_packed =
-        backward ? pack_operand(w_ih, GH, s.I, false, s) : pack_operand(w_ih, s.I, GH, true, s);
-    hh_packed =
-        backward ? pack_operand(w_hh, GH, s.P, false, s) : pack_operand(w_hh, s.P, GH, true, s);
-    hr_packed =
-        backward ? pack_operand(w_hr, s.P, s.H, false, s) : pack_operand(w_hr, s.H, s.P, true, s);
+    const auto pack = [&](const Tensor& w, int64_t rows, int64_t cols) {
+      // w [rows, cols] is R^T forward (R = w^T) and R backward
+      return backward ? pack_operand(w, rows, cols, false, s, bf16_products)
+                      : pack_operand(w, cols, rows, true, s, bf16_products);
+    };
+    ih_packed = pack(w_ih, GH, s.I);
+    hh_packed = pack(w_hh, GH, s.P);
+    hr_packed = pack(w_hr, s.P, s.H);
   }
 
   template <typename T>
@@ -90,7 +102,11 @@ struct DirectionInputs : DirectionTensors {
     RightOperand<T> r;
     r.data = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
     r.transposed = !backward;
-    r.packed = packed.defined() ? packed.const_data_ptr<T>() : nullptr;
+    if (packed.defined() && packed.scalar_type() == at::kBFloat16) {
+      r.packed_bf16 = static_cast<const uint16_t*>(packed.const_data_ptr());
+    } else if (packed.defined()) {
+      r.packed = packed.const_data_ptr<T>();
+    }
     return r;
   }
 };
@@ -155,7 +171,7 @@ void for_each_direction(int64_t directions, const F& run) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
     const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
-    const optional<Tensor>& lengths, bool need_workspace) {
+    const optional<Tensor>& lengths, bool need_workspace, bool bf16_products) {
   const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input_arg, weights, hx, cx,
                                         has_biases, bidirectional, lengths);
   const Tensor input = input_arg.contiguous();
@@ -175,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   std::vector<DirectionInputs> inputs;
   std::vector<Tensor> input_bias;  // ForwardParams::b_ih
   for (int64_t d = 0; d < s.D; ++d) {
-    inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/false);
+    inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/false, bf16_products);
     input_bias.push_back(sums_gates ? inputs[d].b_ih + inputs[d].b_hh : inputs[d].b_ih);
     if (has_state) c_n[d].copy_(inputs[d].c0);
   }
@@ -206,7 +222,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
     const Tensor& workspace_arg, const optional<Tensor>& grad_output,
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
-    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask) {
+    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
+    bool bf16_products) {
   const char* op = "rnnext.layer_backward";
   const LayerShape s =
       check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
@@ -258,7 +275,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor packed_h =
       packs_rows ? at::empty({s.D, packed_size(dtype, steps * s.B, s.P)}, opts) : Tensor();
   std::vector<DirectionInputs> inputs;
-  for (int64_t d = 0; d < s.D; ++d) inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true);
+  for (int64_t d = 0; d < s.D; ++d) {
+    inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true, bf16_products);
+  }
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnnext_layer_backward_cpu", [&] {
     using T = scalar_t;

@@ -86,15 +86,15 @@ void block_rows_gemm(const LayerSizes& z, int64_t first, int64_t count, int64_t 
     return compact ? z.compact_row(t, first) : (t - first) * z.batch;
   };
   const int64_t end = first + count;
-  if (R.packed != nullptr && !is_narrow<T>(N)) {
+  if (R.is_packed() && !is_narrow<T>(N)) {
     // steps grouped into chunks of about packed_chunk_rows rows, one thread hand-off each
     for (int64_t t0 = first, t1 = first; t0 < end; t0 = t1) {
       int64_t rows = 0;
       while (t1 < end && rows < packed_chunk_rows(K)) rows += z.batch_sizes[t1++];
       parallel_over_tiles<T>(cols, rows * K * kPackedTile<T>, [&](int64_t n0, int64_t n1) {
         for (int64_t t = t0; t < t1; ++t) {
-          packed_gemm(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R.packed, beta,
-                      C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
+          packed_product(z.batch_sizes[t], N, K, A + row(t, a_compact) * lda, lda, R, beta,
+                         C + row(t, c_compact) * ldc, ldc, n0, n1, bias);
         }
       });
     }
@@ -195,7 +195,7 @@ constexpr int64_t kMinTeamRows = 4;
 // rows forces a split (tests cover both).
 template <typename T>
 TeamPlan team_plan(const LayerDims<T>& p) {
-  const bool packed = p.ih.packed != nullptr && p.hh.packed != nullptr;
+  const bool packed = p.ih.is_packed() && p.hh.is_packed();
   if (!packed || p.projected()) return {};
   constexpr int64_t tile = kPackedTile<T>;
   const TeamPlan units{p.hidden % tile == 0 ? p.hidden / tile : 1, false};

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "blas.h"
 #include "team.h"
@@ -66,15 +67,60 @@ void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* S,
                     int64_t lds, double* C, int64_t ldc);
 
+// bfloat16 operands (packed_gemm_bf16.cpp). A float layer whose weights are bfloat16 values (a
+// module converted with .bfloat16()) may have its weight products take A and R rounded to
+// bfloat16, as torch.nn's bfloat16 layers do: each product of two bfloat16 values is exact in
+// float and the sums stay in float, on AVX512-BF16's dot-product instruction, at up to twice
+// the float kernel's rate.
+//
+// Whether this CPU has that instruction (the build compiles the kernel for it where GCC can).
+bool cpu_has_bf16_dot();
+// x rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as its bits.
+uint16_t round_to_bf16(float x);
+// Pairs of rows of K (a zero row after an odd K).
+inline int64_t bf16_pairs(int64_t K) {
+  return (K + 1) / 2;
+}
+// Elements of R [K, N] packed by pack_right_operand_bf16.
+int64_t packed_bf16_size(int64_t K, int64_t N);
+// dst = R in bfloat16, in the column tiles of pack_right_operand (32 columns each), each tile
+// bf16_pairs(K) pairs of rows: per pair, per column, its two rows' values next to each other
+// (the dot-product instruction's operand layout). R [K, N] is src^T for src [N, K] (transposed)
+// or src itself; src's rows are `ld` apart.
+void pack_right_operand_bf16(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                             uint16_t* dst);
+// packed_gemm with A's rows rounded to bfloat16 and R packed by pack_right_operand_bf16.
+void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                      const uint16_t* R, float beta, float* C, int64_t ldc, int64_t n_begin,
+                      int64_t n_end, const float* bias);
+
 // The right-hand weight operand of a GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
-// `transposed`; `packed` its packed copy (null to use BLAS): column tiles, or R^T [N, K]
-// itself where is_narrow<T>(N).
+// `transposed`; `packed` its packed copy: column tiles, or R^T [N, K] itself where
+// is_narrow<T>(N); or, for float, `packed_bf16` (pack_right_operand_bf16), for products in
+// bfloat16. Neither: BLAS.
 template <typename T>
 struct RightOperand {
   const T* data = nullptr;
   bool transposed = false;
   const T* packed = nullptr;
+  const uint16_t* packed_bf16 = nullptr;
+
+  bool is_packed() const { return packed != nullptr || packed_bf16 != nullptr; }
 };
+
+// packed_gemm (or packed_gemm_bf16) of a packed, not narrow, R over the columns [n_begin, n_end).
+template <typename T>
+void packed_product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                    const RightOperand<T>& R, T beta, T* C, int64_t ldc, int64_t n_begin,
+                    int64_t n_end, const T* bias) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (R.packed_bf16 != nullptr) {
+      packed_gemm_bf16(M, N, K, A, lda, R.packed_bf16, beta, C, ldc, n_begin, n_end, bias);
+      return;
+    }
+  }
+  packed_gemm(M, N, K, A, lda, R.packed, beta, C, ldc, n_begin, n_end, bias);
+}
 
 // C[M, N] = A^T @ R + beta C for the columns [n_begin, n_end), A^T stored as [K, M] with row
 // stride lda: the weight-gradient form dW = dG^T X, with R the packed rows of X.
@@ -97,13 +143,14 @@ void parallel_over_tiles(Cols cols, int64_t macs_per_tile, const F& tiles) {
   });
 }
 
-// packed_gemm over the columns `cols`, split among threads.
+// packed_product over the columns `cols`, split among threads.
 template <typename T>
-void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* R,
-                          T beta, T* C, int64_t ldc, const T* bias, Cols cols) {
+void parallel_packed_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                          const RightOperand<T>& R, T beta, T* C, int64_t ldc, const T* bias,
+                          Cols cols) {
   if (M == 0 || cols.size() <= 0) return;
   parallel_over_tiles<T>(cols, M * K * kPackedTile<T>, [&](int64_t n0, int64_t n1) {
-    packed_gemm(M, N, K, A, lda, R, beta, C, ldc, n0, n1, bias);
+    packed_product(M, N, K, A, lda, R, beta, C, ldc, n0, n1, bias);
   });
 }
 
@@ -145,10 +192,10 @@ void weight_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
     narrow_gemm(M, K, A, lda, R.packed, beta, C, ldc, cols.begin, cols.end, bias);
     return;
   }
-  if (R.packed != nullptr) {
+  if (R.is_packed()) {
     const int64_t chunk = packed_chunk_rows(K);
     for (int64_t r0 = 0; r0 < M; r0 += chunk) {
-      parallel_packed_gemm<T>(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R.packed, beta,
+      parallel_packed_gemm<T>(std::min(chunk, M - r0), N, K, A + r0 * lda, lda, R, beta,
                               C + r0 * ldc, ldc, bias, cols);
     }
     return;

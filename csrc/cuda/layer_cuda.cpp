@@ -128,7 +128,7 @@ void check_sizes(const char* op, const LayerShape& s) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
     const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
-    const optional<Tensor>& lengths, bool need_workspace) {
+    const optional<Tensor>& lengths, bool need_workspace, bool /*bf16_products: CPU only*/) {
   const char* op = "rnnext.layer_forward";
   const LayerShape s =
       check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
@@ -192,7 +192,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
     const Tensor& workspace_arg, const optional<Tensor>& grad_output,
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
-    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask) {
+    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
+    bool /*bf16_products: CPU only*/) {
   const char* op = "rnnext.layer_backward";
   const LayerShape s =
       check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);

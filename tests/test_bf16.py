@@ -1,0 +1,159 @@
+"""bfloat16 layers on the CPU: the products with the weights in bfloat16 (bf16_products).
+
+Where the CPU has AVX512-BF16, the ops' bf16_products rounds the operands of every product
+with a weight to bfloat16 and sums in float32; the reference does the same rounding in float64
+(reference.recurrent_layer(bf16_products=True)). Elsewhere the flag must change nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, layer_weights, make_module, weighted_loss
+
+from rnnext import functional, reference
+from rnnext._autograd import LayerFunction
+
+HAS_BF16_DOT = functional.cpu_bf16_products()
+needs_bf16_dot = pytest.mark.skipif(not HAS_BF16_DOT, reason="the CPU has no AVX512-BF16")
+
+
+def bf16_values(t: torch.Tensor) -> torch.Tensor:
+    """t's values rounded to bfloat16, in float64."""
+    return t.detach().to(torch.bfloat16).double()
+
+
+def layer_output(mode, x, weights, bidirectional, lengths, bf16_products):
+    """(output, h_n, c_n) of the op (float32) through its autograd Function."""
+    output, h_n, c_n, _ = LayerFunction.apply(
+        mode, True, bidirectional, bf16_products, lengths, x, None, None, *weights
+    )
+    return output, h_n, c_n
+
+
+# (T, B, I, H, proj): partial tiles (N = 4H or I not a multiple of 32), an odd K (I = 33:
+# the last pair padded), blocks of fewer than 8 rows and more (B = 5, 11), a projection, and
+# an input wider than one chunk of pairs on the stack (I = 2100 > 2048). Every product is
+# wider than 16 columns: narrower ones stay in float32 (packed_gemm.h's narrow products).
+SHAPES = [(20, 5, 33, 37, 0), (6, 11, 17, 64, 0), (20, 5, 33, 40, 24), (5, 4, 2100, 17, 0)]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("split", ["units", "rows"])
+def test_outputs_round_operands(mode, shape, bidirectional, with_lengths, split, monkeypatch):
+    """Forward with bf16_products against the reference with the same rounding (in float64):
+    most elements (the median) within float32's precision, 4 times the error of that reference
+    run in float32 plus a few float32 ulps of the result, a margin well under the rounding's own
+    effect (the reference with and without it); every element within a quarter of that effect.
+    (Where a state falls within float32's error of a point halfway between two bfloat16
+    values, the two round it apart, a bfloat16 step, and the rows it feeds differ from there
+    on: rarely, but it happens at these sizes.)"""
+    T, B, I, H, proj = shape
+    if proj and mode != "LSTM":
+        pytest.skip("projections are LSTM-only")
+    monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
+    torch.manual_seed(1)
+    D = 2 if bidirectional else 1
+    weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D, proj=proj)]
+    x = bf16_values(torch.randn(T, B, I))
+    lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values if with_lengths else None
+    kwargs = dict(bidirectional=bidirectional, lengths=lengths)
+    rounded = reference.recurrent_layer(mode, x, weights, bf16_products=True, **kwargs)
+    exact = reference.recurrent_layer(mode, x, weights, **kwargs)
+    x32, weights32 = x.float(), [w.float() for w in weights]
+    rounded32 = reference.recurrent_layer(mode, x32, weights32, bf16_products=True, **kwargs)
+    with torch.no_grad():
+        ours = layer_output(mode, x32, weights32, bidirectional, lengths, True)
+    for a, r, r32, e in zip(ours, rounded, rounded32, exact):
+        if e.numel() == 0:
+            continue
+        ulps = 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        margin = 4 * (r32.double() - r).abs().max().item() + ulps
+        effect = (r - e).abs().max().item()
+        assert margin < 0.5 * effect  # the test tells rounding apart
+        distance = (a.double() - r).abs()
+        assert distance.median().item() <= margin
+        assert distance.max().item() <= 0.25 * effect
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_gradients_near_rounded_reference(mode, bidirectional):
+    """Backward with bf16_products (the gate gradients rounded too where they meet a weight)
+    against the reference's gradients through the same forward rounding: within a few bfloat16
+    rounding steps of each gradient's scale."""
+    torch.manual_seed(2)
+    T, B, I, H = 20, 5, 33, 37
+    D = 2 if bidirectional else 1
+    weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D)]
+    x = bf16_values(torch.randn(T, B, I))
+    lengths = torch.tensor([20, 17, 9, 4, 0])
+
+    def gradients(run, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, *weights)]
+        return torch.autograd.grad(weighted_loss(*run(leaves[0], leaves[1:])), leaves)
+
+    ours = gradients(
+        lambda xs, ws: layer_output(mode, xs, ws, bidirectional, lengths, True), torch.float32
+    )
+    rounded = gradients(
+        lambda xs, ws: reference.recurrent_layer(
+            mode, xs, ws, bidirectional=bidirectional, lengths=lengths, bf16_products=True
+        ),
+        torch.float64,
+    )
+    for a, r in zip(ours, rounded):
+        step = 2.0**-8 * r.abs().max().item()  # bfloat16's relative rounding step
+        assert (a.double() - r).abs().max().item() <= 4 * step
+
+
+@pytest.mark.skipif(HAS_BF16_DOT, reason="the CPU has AVX512-BF16")
+@pytest.mark.parametrize("mode", MODES)
+def test_flag_changes_nothing_without_bf16_dot(mode):
+    """Without AVX512-BF16, bf16_products leaves the float32 computation as it is, bitwise."""
+    torch.manual_seed(3)
+    weights = [w.detach().float() for w in layer_weights(mode, 16, 40)]
+    x = torch.randn(20, 5, 16)
+    with torch.no_grad():
+        plain = layer_output(mode, x, weights, False, None, False)
+        flagged = layer_output(mode, x, weights, False, None, True)
+    for a, b in zip(plain, flagged):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("proj", [0, 24], ids=["noproj", "proj"])
+def test_bfloat16_module_as_accurate_as_torch_nn(mode, proj):
+    """A module converted with .bfloat16() against torch.nn's, both measured against the exact
+    (float64) result on the same bfloat16 weights and input: rnnext's error in the output and
+    in every gradient at most 1.5 times torch.nn's (it runs everything but the products in
+    float32, where torch.nn rounds more often), plus a quarter of a bfloat16 step."""
+    if proj and mode != "LSTM":
+        pytest.skip("projections are LSTM-only")
+    torch.manual_seed(4)
+    T, B, I, H = 20, 5, 33, 40
+    kwargs = dict(proj_size=proj) if proj else {}
+    theirs = make_module(mode, I, H, nn=True, **kwargs).bfloat16()
+    ours = make_module(mode, I, H, nn=False, **kwargs).bfloat16()
+    ours.load_state_dict(theirs.state_dict())
+    exact = make_module(mode, I, H, nn=True, **kwargs).double()
+    exact.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, I).bfloat16()
+    weight = torch.randn(T, B, proj or H, dtype=torch.float64)
+    results = []
+    for module, dtype in ((theirs, torch.bfloat16), (ours, torch.bfloat16), (exact, torch.float64)):
+        xi = x.to(dtype).detach().requires_grad_()
+        output = module(xi)[0]
+        assert output.dtype == dtype
+        (output.double() * weight).sum().backward()
+        results.append(
+            [output.double(), xi.grad.double()] + [p.grad.double() for p in module.parameters()]
+        )
+    for a, b, e in zip(*results):
+        step = 2.0**-8 * e.abs().max().item()
+        assert (b - e).abs().max().item() <= 1.5 * (a - e).abs().max().item() + 0.25 * step
