@@ -83,16 +83,21 @@ def test_outputs_round_operands(mode, shape, bidirectional, with_lengths, split,
 @needs_bf16_dot
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_gradients_near_rounded_reference(mode, bidirectional):
-    """Backward with bf16_products (the gate gradients rounded too where they meet a weight)
-    against the reference's gradients through the same forward rounding: within a few bfloat16
-    rounding steps of each gradient's scale."""
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("shape", [(20, 5, 33, 37), (12, 8, 33, 64)], ids=str)
+def test_gradients_near_rounded_reference(mode, bidirectional, split, shape, monkeypatch):
+    """Backward with bf16_products (the gate gradients rounded too where they meet a weight or
+    make a weight's gradient, and the states in the weight gradients) against the reference's
+    gradients through the same forward rounding: within a few bfloat16 rounding steps of each
+    gradient's scale. H = 64 and B = 8 let two threads share a direction's steps (by units or
+    by rows)."""
+    monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
     torch.manual_seed(2)
-    T, B, I, H = 20, 5, 33, 37
+    T, B, I, H = shape
     D = 2 if bidirectional else 1
     weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D)]
     x = bf16_values(torch.randn(T, B, I))
-    lengths = torch.tensor([20, 17, 9, 4, 0])
+    lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values
 
     def gradients(run, dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (x, *weights)]

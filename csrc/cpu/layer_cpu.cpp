@@ -39,6 +39,12 @@ bool packs_operands(const LayerShape& s) {
   return s.T >= kPackedMinSteps && s.T * s.B >= kPackedMinRows;
 }
 
+// Whether a call's products with the weights (and its weight gradients' products) run in
+// bfloat16: asked for (the op's bf16_products), float, and a CPU that has AVX512-BF16.
+bool uses_bf16(bool bf16_products, at::ScalarType dtype) {
+  return bf16_products && dtype == at::kFloat && cpu_has_bf16_dot();
+}
+
 // Elements per packed copy of R [K, N] in the input's dtype (float or double).
 int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
   return (dtype == at::kDouble ? packed_ld<double>(N) : packed_ld<float>(N)) * K;
@@ -55,7 +61,7 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
 Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
                     const LayerShape& s, bool bf16) {
   if (!weight.defined() || !packs_operands(s)) return Tensor();
-  if (bf16 && weight.scalar_type() == at::kFloat && !is_narrow<float>(N) && cpu_has_bf16_dot()) {
+  if (uses_bf16(bf16, weight.scalar_type()) && !is_narrow<float>(N)) {
     Tensor packed = empty_cached({packed_bf16_size(K, N)}, weight.options().dtype(at::kBFloat16));
     pack_right_operand_bf16(weight.const_data_ptr<float>(), K, N, transposed, transposed ? K : N,
                             static_cast<uint16_t*>(packed.mutable_data_ptr()));
@@ -268,12 +274,19 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor h_rows = gathers ? at::empty({s.D, steps * s.B, s.P}, opts) : Tensor();
   const Tensor m_rows = gathers && s.has_proj ? at::empty({s.D, steps * s.B, s.H}, opts) : Tensor();
   // the weight gradients' right operands packed (where the weights are)
+  // (in bfloat16 where the products with the weights are, for src's not narrow)
   const bool packs_rows = need_weights && packs_operands(s);
   const auto dtype = input.scalar_type();
-  const Tensor packed_x =
-      packs_rows ? at::empty({s.D, packed_size(dtype, steps * s.B, s.I)}, opts) : Tensor();
-  const Tensor packed_h =
-      packs_rows ? at::empty({s.D, packed_size(dtype, steps * s.B, s.P)}, opts) : Tensor();
+  const bool bf16_rows = packs_rows && uses_bf16(bf16_products, dtype);
+  const auto packed_rows = [&](int64_t N) {
+    if (!packs_rows) return Tensor();
+    if (bf16_rows && !is_narrow<float>(N)) {
+      return at::empty({s.D, packed_bf16_size(steps * s.B, N)}, opts.dtype(at::kBFloat16));
+    }
+    return at::empty({s.D, packed_size(dtype, steps * s.B, N)}, opts);
+  };
+  const Tensor packed_x = packed_rows(s.I);
+  const Tensor packed_h = packed_rows(s.P);
   std::vector<DirectionInputs> inputs;
   for (int64_t d = 0; d < s.D; ++d) {
     inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true, bf16_products);
@@ -319,8 +332,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.x_rows = at_d(x_rows);
       p.h_rows = at_d(h_rows);
       p.m_rows = at_d(m_rows);
-      p.packed_x = at_d(packed_x);
-      p.packed_h = at_d(packed_h);
+      // the packed rows in one type or the other
+      auto packed_at_d = [&](const Tensor& t, T*& packed, uint16_t*& packed_bf16) {
+        if (t.defined() && t.scalar_type() == at::kBFloat16) {
+          packed_bf16 = static_cast<uint16_t*>(t.mutable_data_ptr()) + d * t.stride(0);
+          packed = nullptr;
+        } else {
+          packed = at_d(t);
+        }
+      };
+      packed_at_d(packed_x, p.packed_x, p.packed_x_bf16);
+      packed_at_d(packed_h, p.packed_h, p.packed_h_bf16);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });

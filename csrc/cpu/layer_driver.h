@@ -387,8 +387,12 @@ struct BackwardParams : LayerDims<T> {
   T* m_rows;  // [block_steps * B, H] (with a projection)
   // the weight-gradient products' right operands, a block's rows of x and of the
   // consumed state packed into column tiles (packed_gemm.h); null to use BLAS
-  T* packed_x;         // [packed_ld(I) * block_steps * B]
-  T* packed_h;         // [packed_ld(P) * block_steps * B]
+  T* packed_x;  // [packed_ld(I) * block_steps * B]
+  T* packed_h;  // [packed_ld(P) * block_steps * B]
+  // or (float, bf16_products) the same in bfloat16 (pack_right_operand_bf16), in place of
+  // packed_x or packed_h where that is null: [packed_bf16_size(block_steps * B, I or P)]
+  uint16_t* packed_x_bf16 = nullptr;
+  uint16_t* packed_h_bf16 = nullptr;
   T* dm;               // [B, H] (with a projection): gradient w.r.t. m
   T* grad_w_hr_block;  // [P, H] (with a projection): one block's part of grad_w_hr
   T* go_rows;          // [B, P]: a step's output gradient when its rows are strided
@@ -513,7 +517,7 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   // wrote itself, and each strip serves every tile.
   const Cols units = m.share(H, kPackedTile<T>);
   auto weight_grad = [&](const T* dg, int64_t count, const T* src, int64_t ld, int64_t N, T* packed,
-                         T* grad) {
+                         uint16_t* packed_bf16, T* grad) {
     if (count == 0) return;
     if (packed != nullptr && is_narrow<T>(N)) {
       // a narrow src (few inputs, say): summed straight from its rows, no tiles
@@ -522,32 +526,51 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
       });
       return;
     }
-    if (packed != nullptr) {
-      parallel_over_tiles<T>(m.share(N, kPackedTile<T>), count * kPackedTile<T>,
-                             [&](int64_t n0, int64_t n1) {
-                               pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false,
-                                                  ld, packed + n0 * count);
-                             });
-      m.sync();  // every tile packed
-      const int64_t macs_per_row = N * count;
-      for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
-        const int64_t groups = (r.size() + 7) / 8;
-        at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
-                         [&](int64_t g0, int64_t g1) {
-                           const int64_t m0 = r.begin + g0 * 8;
-                           const int64_t m1 = std::min(r.end, r.begin + g1 * 8);
-                           packed_gemm_at(m1 - m0, N, count, dg + m0, GH, packed, T(1),
-                                          grad + m0 * N, N, 0, N);
-                         });
-      });
+    if (packed != nullptr || packed_bf16 != nullptr) {
+      // pack(n0, n1) packs src's columns [n0, n1); multiply(m0, m1) makes grad's rows [m0, m1)
+      const auto packed_product_at = [&](const auto& pack, const auto& multiply) {
+        parallel_over_tiles<T>(m.share(N, kPackedTile<T>), count * kPackedTile<T>, pack);
+        m.sync();  // every tile packed
+        const int64_t macs_per_row = N * count;
+        for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
+          const int64_t groups = (r.size() + 7) / 8;
+          at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
+                           [&](int64_t g0, int64_t g1) {
+                             multiply(r.begin + g0 * 8, std::min(r.end, r.begin + g1 * 8));
+                           });
+        });
+      };
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed_bf16 != nullptr) {
+          const int64_t pairs = bf16_pairs(count);
+          packed_product_at(
+              [&](int64_t n0, int64_t n1) {
+                pack_right_operand_bf16(src + n0, count, n1 - n0, /*transposed=*/false, ld,
+                                        packed_bf16 + n0 * pairs * 2);
+              },
+              [&](int64_t m0, int64_t m1) {
+                packed_gemm_at_bf16(m1 - m0, N, count, dg + m0, GH, packed_bf16, 1.f, grad + m0 * N,
+                                    N, 0, N);
+              });
+          return;
+        }
+      }
+      packed_product_at(
+          [&](int64_t n0, int64_t n1) {
+            pack_right_operand(src + n0, count, n1 - n0, /*transposed=*/false, ld,
+                               packed + n0 * count);
+          },
+          [&](int64_t m0, int64_t m1) {
+            packed_gemm_at(m1 - m0, N, count, dg + m0, GH, packed, T(1), grad + m0 * N, N, 0, N);
+          });
       return;
     }
     const Cols cols = m.share(N, kPackedTile<T>);
     gemm<T>(true, false, GH, cols.size(), count, T(1), dg, GH, src + cols.begin, ld, T(1),
             grad + cols.begin, N);
   };
-  weight_grad(p.dgx, rows, x_rows, I, I, p.packed_x, p.grad_w_ih);
-  weight_grad(dgh_rows, h_count, h_rows, ld_h, P, p.packed_h, p.grad_w_hh);
+  weight_grad(p.dgx, rows, x_rows, I, I, p.packed_x, p.packed_x_bf16, p.grad_w_ih);
+  weight_grad(dgh_rows, h_count, h_rows, ld_h, P, p.packed_h, p.packed_h_bf16, p.grad_w_hh);
   if (p.grad_b_ih != nullptr) {
     for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
       add_column_sums(p.grad_b_ih + r.begin, p.dgx + r.begin, rows, r.size(), GH);
@@ -578,7 +601,8 @@ void backward_direction(const BackwardParams<T>& p) {
   // a team also needs the packed weight-gradient operands: a BLAS call inside it may allocate
   // or throw, which would leave the other threads at the barrier
   const bool packed_grads =
-      p.grad_w_ih == nullptr || (p.packed_x != nullptr && p.packed_h != nullptr);
+      p.grad_w_ih == nullptr || ((p.packed_x != nullptr || p.packed_x_bf16 != nullptr) &&
+                                 (p.packed_h != nullptr || p.packed_h_bf16 != nullptr));
   const TeamPlan plan = packed_grads ? team_plan(p) : TeamPlan{};
   run_team(plan.slots, [&](const TeamMember& m) {
     const bool by_rows = plan.by_rows;

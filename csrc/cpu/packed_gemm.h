@@ -89,10 +89,14 @@ int64_t packed_bf16_size(int64_t K, int64_t N);
 // or src itself; src's rows are `ld` apart.
 void pack_right_operand_bf16(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                              uint16_t* dst);
-// packed_gemm with A's rows rounded to bfloat16 and R packed by pack_right_operand_bf16.
+// packed_gemm and packed_gemm_at with A rounded to bfloat16 and R packed by
+// pack_right_operand_bf16.
 void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                       const uint16_t* R, float beta, float* C, int64_t ldc, int64_t n_begin,
                       int64_t n_end, const float* bias);
+void packed_gemm_at_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const uint16_t* R, float beta, float* C, int64_t ldc, int64_t n_begin,
+                         int64_t n_end);
 
 // The right-hand weight operand of a GEMM: `data` is R [K, N] row-major, or R^T [N, K] when
 // `transposed`; `packed` its packed copy: column tiles, or R^T [N, K] itself where

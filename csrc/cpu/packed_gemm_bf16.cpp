@@ -151,15 +151,30 @@ RNNEXT_BF16_TARGET inline __attribute__((always_inline)) void tile_bf16(
   }
 }
 
-}  // namespace
+// Rows [m, m + rows) of A^T's columns, A^T stored [K, M] (row stride lda), for the pairs
+// [p0, p0 + pc) of K: out[i * pc + p] holds rows 2 (p0 + p) and one after of column m + i.
+RNNEXT_BF16_TARGET inline void columns_to_pairs(const float* A, int64_t lda, int64_t K, int64_t m,
+                                                int64_t rows, int64_t p0, int64_t pc,
+                                                uint32_t* out) {
+  for (int64_t p = 0; p < pc; ++p) {
+    const int64_t k = 2 * (p0 + p);
+    const float* even = A + k * lda + m;
+    const float* odd = k + 1 < K ? even + lda : nullptr;
+    for (int64_t i = 0; i < rows; ++i) {
+      const uint32_t high = odd != nullptr ? round_to_bf16(odd[i]) : 0;
+      out[i * pc + p] = round_to_bf16(even[i]) | high << 16;
+    }
+  }
+}
 
-RNNEXT_BF16_TARGET void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A,
-                                         int64_t lda, const uint16_t* R, float beta, float* C,
-                                         int64_t ldc, int64_t n_begin, int64_t n_end,
-                                         const float* bias) {
+// C = A @ R (+ beta C, + bias) over [n_begin, n_end), A given by the rows it has (kTransA: A^T
+// stored [K, M], else A [M, K]), 8 rows of A at a time rounded once into pairs on the stack
+// (32 KB: chunks of K beyond 2048 add their sums onto C), then every tile of R past them.
+template <bool kTransA>
+RNNEXT_BF16_TARGET inline __attribute__((always_inline)) void gemm_bf16(
+    int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* R, float beta,
+    float* C, int64_t ldc, int64_t n_begin, int64_t n_end, const float* bias) {
   constexpr int64_t kTile = kPackedTile<float>;
-  // 8 rows of A at a time, rounded once into pairs on the stack (32 KB: chunks of K beyond
-  // 2048 add their sums onto C), then every tile of R past them
   constexpr int64_t kChunkPairs = 1024;
   uint32_t a_pairs[8 * kChunkPairs];
   const int64_t pairs = bf16_pairs(K);
@@ -167,8 +182,12 @@ RNNEXT_BF16_TARGET void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const 
     const int64_t rows = std::min<int64_t>(8, M - m);
     for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
       const int64_t pc = std::min(kChunkPairs, pairs - p0);
-      for (int64_t i = 0; i < rows; ++i) {
-        row_to_pairs(A + (m + i) * lda + 2 * p0, std::min(2 * pc, K - 2 * p0), a_pairs + i * pc);
+      if constexpr (kTransA) {
+        columns_to_pairs(A, lda, K, m, rows, p0, pc, a_pairs);
+      } else {
+        for (int64_t i = 0; i < rows; ++i) {
+          row_to_pairs(A + (m + i) * lda + 2 * p0, std::min(2 * pc, K - 2 * p0), a_pairs + i * pc);
+        }
       }
       const float chunk_beta = p0 == 0 ? beta : 1.f;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
@@ -191,15 +210,35 @@ RNNEXT_BF16_TARGET void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const 
   }
 }
 
+}  // namespace
+
+RNNEXT_BF16_TARGET void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A,
+                                         int64_t lda, const uint16_t* R, float beta, float* C,
+                                         int64_t ldc, int64_t n_begin, int64_t n_end,
+                                         const float* bias) {
+  gemm_bf16<false>(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end, bias);
+}
+
+RNNEXT_BF16_TARGET void packed_gemm_at_bf16(int64_t M, int64_t N, int64_t K, const float* A,
+                                            int64_t lda, const uint16_t* R, float beta, float* C,
+                                            int64_t ldc, int64_t n_begin, int64_t n_end) {
+  gemm_bf16<true>(M, N, K, A, lda, R, beta, C, ldc, n_begin, n_end, nullptr);
+}
+
 #else  // no AVX512-BF16 code in this build: the float kernels run instead
 
 bool cpu_has_bf16_dot() {
   return false;
 }
 
+// unreachable: nothing packs bfloat16 operands where cpu_has_bf16_dot() is false
 void packed_gemm_bf16(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, float,
                       float*, int64_t, int64_t, int64_t, const float*) {
-  std::abort();  // unreachable: nothing packs bfloat16 operands where cpu_has_bf16_dot() is false
+  std::abort();
+}
+void packed_gemm_at_bf16(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, float,
+                         float*, int64_t, int64_t, int64_t) {
+  std::abort();
 }
 
 #endif
