@@ -19,10 +19,12 @@
 // weights) says it is not needed. A None gradient argument counts as zeros.
 //   bf16_products  leave to the backend whether the products with the weights (forward:
 //            x W_ih^T, h W_hh^T, m W_hr^T; backward: the gate gradients times W_ih, W_hh and
-//            dh' W_hr) take both operands rounded to bfloat16 and sum in float32, as
-//            torch.nn's bfloat16 layers compute; for float32 tensors that hold the values of
-//            bfloat16 ones (a module converted with .bfloat16() on the CPU). The CPU does so
-//            where it has AVX512-BF16; elsewhere, and on CUDA, it changes nothing.
+//            dh' W_hr) and the weight gradients' products (dG^T x, dG^T h) take both
+//            operands rounded to bfloat16 and sum in float32, as torch.nn's bfloat16 layers
+//            compute; for float32 tensors that hold the values of bfloat16 ones (a module
+//            converted with .bfloat16() on the CPU). The CPU does so where it has
+//            AVX512-BF16 (products of at least 17 columns, in calls of at least 4 steps and
+//            17 rows); elsewhere, and on CUDA, it changes nothing.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -71,10 +71,11 @@ def recurrent_layer(
 
     float16 and bfloat16 on the CPU (a module converted with ``.bfloat16()``, say, which
     torch.nn runs there too): the layer computes in float32 and returns the input's dtype;
-    gradients come back in each tensor's own dtype. In bfloat16, on a CPU with AVX512-BF16,
-    the products with the weights take their operands (the input, the state, the gate
-    gradients) rounded to bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up
-    to twice the float32 speed. Everything else stays float32.
+    gradients come back in each tensor's own dtype. In bfloat16, on a CPU with AVX512-BF16
+    (:func:`cpu_bf16_products`), the products with the weights and the weight gradients'
+    products take their operands (the input, the state, the gate gradients) rounded to
+    bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up to twice the float32
+    speed. Everything else stays float32.
     """
     _check_device(input)
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])
