@@ -67,7 +67,9 @@ def recurrent_layer(
     Autocast: under ``torch.autocast("cuda", dtype)`` the layer runs in ``dtype`` (float16 or
     bfloat16, accumulating in float) and returns ``dtype``; under ``torch.autocast("cpu")`` it
     runs and returns float32 whatever the autocast dtype, as its CPU kernels have no half
-    types. Parameters keep their dtype and get gradients in it.
+    types, except that under bfloat16 autocast its products with the weights take bfloat16
+    operands as below (autocast's rule for products). Parameters keep their dtype and get
+    gradients in it.
 
     float16 and bfloat16 on the CPU (a module converted with ``.bfloat16()``, say, which
     torch.nn runs there too): the layer computes in float32 and returns the input's dtype;
@@ -78,9 +80,13 @@ def recurrent_layer(
     speed. Everything else stays float32.
     """
     _check_device(input)
+    on_cpu = input.device.type == "cpu"
+    bf16_products = on_cpu and (
+        input.dtype == torch.bfloat16
+        or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    )
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])
-    half_on_cpu = input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16)
-    bf16_products = half_on_cpu and input.dtype == torch.bfloat16
+    half_on_cpu = on_cpu and input.dtype in (torch.float16, torch.bfloat16)
     if half_on_cpu:
         half = input.dtype
         input, hx, cx, *weights = [

@@ -7,24 +7,36 @@ import pytest
 import torch
 from conftest import MODES, flat, make_module, module_pair, weighted_loss
 
-from rnnext import functional
+from rnnext import functional, reference
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cpu_autocast_runs_in_float32(mode):
+@pytest.mark.parametrize("T", [4, 20], ids=lambda t: f"T{t}")
+def test_cpu_autocast_runs_in_float32(mode, T):
     """Under CPU autocast (bfloat16), a bfloat16 activation from a Linear layer goes into the
-    layer, which computes and returns float32, equal to a float32 call on the same values;
-    the float32 parameters get float32 gradients."""
+    layer, which computes and returns float32; the float32 parameters get float32 gradients.
+    Its products with the weights take bfloat16 operands where the CPU can (calls of at
+    least 4 steps and 17 rows, products wider than 16 columns): equal, to float32's precision
+    for most elements, to the reference with that rounding (tests/test_bf16.py); elsewhere (4
+    steps of 3 rows here) equal to a float32 call on the same values."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 5)
-    layer = make_module(mode, 5, 7, nn=False)
-    x = torch.randn(4, 3, 6)
+    layer = make_module(mode, 5, 40, nn=False)
+    x = torch.randn(T, 3, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = linear(x)
         output = layer(features)[0]
     assert features.dtype == torch.bfloat16
     assert output.dtype == torch.float32
-    torch.testing.assert_close(output, layer(features.float())[0])
+    if T * 3 >= 17 and functional.cpu_bf16_products():
+        weights = [w.detach().double() for w in layer._flat_weights]
+        values = features.detach().double()
+        rounded = reference.recurrent_layer(mode, values, weights, bf16_products=True)[0]
+        exact = reference.recurrent_layer(mode, values, weights)[0]
+        distance = (output.double() - rounded).abs()
+        assert distance.median() <= 1e-6 < (exact - rounded).abs().median()
+    else:
+        torch.testing.assert_close(output, layer(features.float())[0])
     output.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
