@@ -162,3 +162,26 @@ def test_bfloat16_module_as_accurate_as_torch_nn(mode, proj):
     for a, b, e in zip(*results):
         step = 2.0**-8 * e.abs().max().item()
         assert (b - e).abs().max().item() <= 1.5 * (a - e).abs().max().item() + 0.25 * step
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_bfloat16_module_with_checkpoints(mode):
+    """checkpoint_every on a bfloat16 module (the segments' calls carry bf16_products too): the
+    same outputs, and gradients equal within one bfloat16 spacing at their scale (each
+    segment's first step adds its h0 term to W_hh's gradient in float32, unrounded)."""
+    torch.manual_seed(5)
+    plain = make_module(mode, 33, 40, nn=False).bfloat16()
+    checkpointed = make_module(mode, 33, 40, nn=False, checkpoint_every=5).bfloat16()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(20, 5, 33).bfloat16()
+    results = []
+    for module in (plain, checkpointed):
+        leaf = x.detach().requires_grad_()
+        output = module(leaf)[0]
+        weight = torch.arange(output.numel()).reshape(output.shape) % 7 + 1
+        (output.float() * weight).sum().backward()
+        results.append([output, leaf.grad, *(p.grad for p in module.parameters())])
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):
+        ulp = 2.0**-7 * b.float().abs().max().item()  # bfloat16's spacing at most, there
+        assert (a.float() - b.float()).abs().max().item() <= ulp
