@@ -22,9 +22,10 @@
 //            dh' W_hr) and the weight gradients' products (dG^T x, dG^T h) take both
 //            operands rounded to bfloat16 and sum in float32, as torch.nn's bfloat16 layers
 //            compute; for float32 tensors that hold the values of bfloat16 ones (a module
-//            converted with .bfloat16() on the CPU). The CPU does so where it has
-//            AVX512-BF16 (products of at least 17 columns, in calls of at least 4 steps and
-//            17 rows); elsewhere, and on CUDA, it changes nothing.
+//            converted with .bfloat16() on the CPU), or under bfloat16 autocast. The CPU
+//            does so where it has AVX512-BF16, for products of at least 17 columns in calls
+//            of at least 4 steps and 17 rows, but for dW_hr and the h0 term of dW_hh;
+//            elsewhere, and on CUDA, it changes nothing.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -24,7 +24,9 @@ def _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights):
     )
 
 
-def _reference_gradients(ctx, mode, has_biases, bidirectional, lengths, tensors, grads):
+def _reference_gradients(
+    ctx, mode, has_biases, bidirectional, bf16_products, lengths, tensors, grads
+):
     """Backward with create_graph=True: the gradients of rnnext.reference's recomputation of
     the layer (plain PyTorch ops, step by step), which autograd can differentiate again. The
     fused backward op has no derivative of its own; this path is slower but twice
@@ -46,6 +48,7 @@ def _reference_gradients(ctx, mode, has_biases, bidirectional, lengths, tensors,
         has_biases=has_biases,
         bidirectional=bidirectional,
         lengths=lengths,
+        bf16_products=bf16_products,
     )
     pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
     needs = ctx.needs_input_grad[_FIRST_TENSOR:]
@@ -132,6 +135,7 @@ class LayerFunction(_PositionalFunction):
                     ctx.mode,
                     ctx.has_biases,
                     ctx.bidirectional,
+                    ctx.bf16_products,
                     lengths,
                     (input, hx, cx, *weights),
                     (grad_output, grad_h_n, grad_c_n),
@@ -224,7 +228,7 @@ class CheckpointedLayerFunction(_PositionalFunction):
             return _input_gradients(
                 ctx,
                 *_reference_gradients(
-                    ctx, ctx.mode, ctx.has_biases, False, lengths, tensors, grads
+                    ctx, ctx.mode, ctx.has_biases, False, ctx.bf16_products, lengths, tensors, grads
                 ),
             )
         is_lstm = ctx.mode == "LSTM"

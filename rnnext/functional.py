@@ -73,16 +73,22 @@ def recurrent_layer(
 
     float16 and bfloat16 on the CPU (a module converted with ``.bfloat16()``, say, which
     torch.nn runs there too): the layer computes in float32 and returns the input's dtype;
-    gradients come back in each tensor's own dtype. In bfloat16, on a CPU with AVX512-BF16
-    (:func:`cpu_bf16_products`), the products with the weights and the weight gradients'
-    products take their operands (the input, the state, the gate gradients) rounded to
-    bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up to twice the float32
-    speed. Everything else stays float32.
+    gradients come back in each tensor's own dtype. In bfloat16 (input and weights), on a CPU
+    with AVX512-BF16 (:func:`cpu_bf16_products`), the products with the weights and the weight
+    gradients' products take their operands (the input, the state, the gate gradients)
+    rounded to bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up to twice the
+    float32 speed. Everything else stays float32, and so do products 16 columns wide or
+    narrower, the projection's weight gradient, the initial state's term of W_hh's gradient
+    and all products of a call of fewer than 4 steps or 17 rows (T * B): how a sequence is
+    split into calls (checkpoint segments, streaming chunks) can move bfloat16 results by a
+    rounding step.
     """
     _check_device(input)
+    # bfloat16 products: for bfloat16 input and weights (a bfloat16 float32 mix keeps its
+    # float32 weights unrounded), or under CPU bfloat16 autocast
     on_cpu = input.device.type == "cpu"
     bf16_products = on_cpu and (
-        input.dtype == torch.bfloat16
+        all(t.dtype == torch.bfloat16 for t in (input, *weights))
         or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     )
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])

@@ -14,10 +14,39 @@ import torch
 Tensor = torch.Tensor
 
 
-def bf16_operand(t: Tensor) -> Tensor:
-    """t with its values rounded to bfloat16 (in t's dtype), its gradient passed through as if
-    unrounded."""
-    return t + (t.to(torch.bfloat16).to(t.dtype) - t).detach()
+def _bf16(t: Tensor) -> Tensor:
+    """t's values rounded to bfloat16, in t's dtype."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+class _Bf16Product(torch.autograd.Function):
+    """a @ w^T with both operands rounded to bfloat16, and its gradients as the ops'
+    bf16_products makes them: grad_a = bf16(g) @ bf16(w), grad_w = bf16(g)^T @ bf16(a), or
+    unrounded g^T a where round_weight_grad is False (the projection's weight gradient)."""
+
+    @staticmethod
+    def forward(a, w, round_weight_grad):
+        return _bf16(a) @ _bf16(w).t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, w, ctx.round_weight_grad = inputs
+        ctx.save_for_backward(a, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        g = _bf16(grad)
+        grad_a = g @ _bf16(w) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_a, None, None
+        grad_w = g.t() @ _bf16(a) if ctx.round_weight_grad else grad.t() @ a
+        return grad_a, grad_w, None
+
+
+def bf16_product(a: Tensor, w: Tensor, round_weight_grad: bool = True) -> Tensor:
+    """a @ w^T in bfloat16 products, forward and backward (see _Bf16Product)."""
+    return _Bf16Product.apply(a, w, round_weight_grad)
 
 
 def cell_step(
@@ -36,11 +65,14 @@ def cell_step(
     """One step of one cell. x [B, I], h [B, P], c [B, H]; returns (h', c') (c' None but LSTM).
 
     w_hr [P, H] projects an LSTM's output: h' = w_hr (o * tanh(c')). bf16_products: the
-    operands of the products with the weights rounded to bfloat16 (bf16_operand).
+    products with the weights and their gradients' products in bfloat16 (bf16_product).
     """
-    rnd = bf16_operand if bf16_products else (lambda t: t)
-    gx = rnd(x) @ rnd(w_ih).t()
-    gh = rnd(h) @ rnd(w_hh).t()
+
+    def product(a: Tensor, w: Tensor, round_weight_grad: bool = True) -> Tensor:
+        return bf16_product(a, w, round_weight_grad) if bf16_products else a @ w.t()
+
+    gx = product(x, w_ih)
+    gh = product(h, w_hh)
     if b_ih is not None:
         gx = gx + b_ih
         gh = gh + b_hh
@@ -59,7 +91,9 @@ def cell_step(
         i, f, g, o = (gx + gh).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        return (h_new if w_hr is None else rnd(h_new) @ rnd(w_hr).t()), c_new
+        # (the ops make the projection's weight gradient in float32)
+        projected = h_new if w_hr is None else product(h_new, w_hr, round_weight_grad=False)
+        return projected, c_new
     raise ValueError(f"mode must be 'RNN_TANH', 'RNN_RELU', 'GRU' or 'LSTM', got {mode!r}")
 
 
@@ -79,8 +113,9 @@ def recurrent_layer(
 
     With ``lengths``, row b takes part in steps ``t < lengths[b]`` only: its outputs past that
     are zero, its state stops there, and the reverse direction starts at its own last step.
-    ``bf16_products``: the products with the weights take their operands rounded to bfloat16
-    (what the ops' bf16_products does), with gradients passed through the rounding.
+    ``bf16_products``: the products with the weights take their operands rounded to bfloat16,
+    and so do the products of their gradients (what the ops' bf16_products does where it
+    applies: see csrc/rnnext.cpp).
     """
     T, B, _ = input.shape
     D = 2 if bidirectional else 1

@@ -31,6 +31,37 @@ def layer_output(mode, x, weights, bidirectional, lengths, bf16_products):
     return output, h_n, c_n
 
 
+def assert_rounding_matches(ours, rounded, rounded32, exact):
+    """ours (float32, bf16_products) against the reference with the same rounding: most
+    elements (the median) within float32's precision, 4 times the error of that reference run
+    in float32 plus a few float32 ulps of the result, a margin well under the rounding's own
+    effect (the reference with and without it); every element within a quarter of that effect.
+    (Where a value falls within float32's error of a point halfway between two bfloat16
+    values, the two round it apart, a bfloat16 step, and what it feeds differs from there on:
+    rarely, but it happens at these sizes.)"""
+    for a, r, r32, e in zip(ours, rounded, rounded32, exact):
+        if e.numel() == 0:
+            continue
+        ulps = 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        margin = 4 * (r32.double() - r).abs().max().item() + ulps
+        effect = (r - e).abs().max().item()
+        assert margin < 0.5 * effect  # the test tells rounding apart
+        distance = (a.double() - r).abs()
+        assert distance.median().item() <= margin
+        assert distance.max().item() <= 0.25 * effect
+
+
+def random_layer(mode, shape, bidirectional, with_lengths, seed):
+    """bfloat16 values (in float64) of x [T, B, I] and the weights, and sorted lengths."""
+    T, B, I, H, proj = shape
+    torch.manual_seed(seed)
+    D = 2 if bidirectional else 1
+    weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D, proj=proj)]
+    x = bf16_values(torch.randn(T, B, I))
+    lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values if with_lengths else None
+    return x, weights, lengths
+
+
 # (T, B, I, H, proj): partial tiles (N = 4H or I not a multiple of 32), an odd K (I = 33:
 # the last pair padded), blocks of fewer than 8 rows and more (B = 5, 11), a projection, and
 # an input wider than one chunk of pairs on the stack (I = 2100 > 2048). Every product is
@@ -46,21 +77,11 @@ SHAPES = [(20, 5, 33, 37, 0), (6, 11, 17, 64, 0), (20, 5, 33, 40, 24), (5, 4, 21
 @pytest.mark.parametrize("split", ["units", "rows"])
 def test_outputs_round_operands(mode, shape, bidirectional, with_lengths, split, monkeypatch):
     """Forward with bf16_products against the reference with the same rounding (in float64):
-    most elements (the median) within float32's precision, 4 times the error of that reference
-    run in float32 plus a few float32 ulps of the result, a margin well under the rounding's own
-    effect (the reference with and without it); every element within a quarter of that effect.
-    (Where a state falls within float32's error of a point halfway between two bfloat16
-    values, the two round it apart, a bfloat16 step, and the rows it feeds differ from there
-    on: rarely, but it happens at these sizes.)"""
-    T, B, I, H, proj = shape
-    if proj and mode != "LSTM":
+    assert_rounding_matches."""
+    if shape[4] and mode != "LSTM":
         pytest.skip("projections are LSTM-only")
     monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
-    torch.manual_seed(1)
-    D = 2 if bidirectional else 1
-    weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D, proj=proj)]
-    x = bf16_values(torch.randn(T, B, I))
-    lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values if with_lengths else None
+    x, weights, lengths = random_layer(mode, shape, bidirectional, with_lengths, seed=1)
     kwargs = dict(bidirectional=bidirectional, lengths=lengths)
     rounded = reference.recurrent_layer(mode, x, weights, bf16_products=True, **kwargs)
     exact = reference.recurrent_layer(mode, x, weights, **kwargs)
@@ -68,53 +89,52 @@ def test_outputs_round_operands(mode, shape, bidirectional, with_lengths, split,
     rounded32 = reference.recurrent_layer(mode, x32, weights32, bf16_products=True, **kwargs)
     with torch.no_grad():
         ours = layer_output(mode, x32, weights32, bidirectional, lengths, True)
-    for a, r, r32, e in zip(ours, rounded, rounded32, exact):
-        if e.numel() == 0:
-            continue
-        ulps = 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
-        margin = 4 * (r32.double() - r).abs().max().item() + ulps
-        effect = (r - e).abs().max().item()
-        assert margin < 0.5 * effect  # the test tells rounding apart
-        distance = (a.double() - r).abs()
-        assert distance.median().item() <= margin
-        assert distance.max().item() <= 0.25 * effect
+    assert_rounding_matches(ours, rounded, rounded32, exact)
+
+
+# (T, B, I, H, proj): as SHAPES; H = 64 and B = 8 let two threads share a direction's steps (by
+# units or by rows); an LSTM's G * H = 2080 > 2048 makes its backward's dx and dh products
+# take K in chunks
+GRADIENT_SHAPES = [(20, 5, 33, 37, 0), (12, 8, 33, 64, 0), (20, 5, 33, 40, 24), (5, 4, 17, 520, 0)]
 
 
 @needs_bf16_dot
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", GRADIENT_SHAPES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("split", ["units", "rows"])
-@pytest.mark.parametrize("shape", [(20, 5, 33, 37), (12, 8, 33, 64)], ids=str)
-def test_gradients_near_rounded_reference(mode, bidirectional, split, shape, monkeypatch):
-    """Backward with bf16_products (the gate gradients rounded too where they meet a weight or
-    make a weight's gradient, and the states in the weight gradients) against the reference's
-    gradients through the same forward rounding: within a few bfloat16 rounding steps of each
-    gradient's scale. H = 64 and B = 8 let two threads share a direction's steps (by units or
-    by rows)."""
+def test_gradients_round_operands(mode, shape, bidirectional, split, monkeypatch):
+    """Backward with bf16_products (the gate gradients rounded where they meet a weight or make
+    a weight's gradient, and x and the states in the weight gradients) against the reference
+    whose products round the same (reference.bf16_product), with lengths:
+    assert_rounding_matches for the input's and every weight's gradient."""
+    if shape[4] and mode != "LSTM":
+        pytest.skip("projections are LSTM-only")
     monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
-    torch.manual_seed(2)
-    T, B, I, H = shape
-    D = 2 if bidirectional else 1
-    weights = [bf16_values(w) for w in layer_weights(mode, I, H, directions=D)]
-    x = bf16_values(torch.randn(T, B, I))
-    lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values
+    x, weights, lengths = random_layer(mode, shape, bidirectional, True, seed=2)
 
-    def gradients(run, dtype):
+    def gradients(dtype, run):
         leaves = [t.to(dtype).requires_grad_() for t in (x, *weights)]
         return torch.autograd.grad(weighted_loss(*run(leaves[0], leaves[1:])), leaves)
 
+    def in_reference(dtype, bf16_products):
+        return gradients(
+            dtype,
+            lambda xs, ws: reference.recurrent_layer(
+                mode,
+                xs,
+                ws,
+                bidirectional=bidirectional,
+                lengths=lengths,
+                bf16_products=bf16_products,
+            ),
+        )
+
     ours = gradients(
-        lambda xs, ws: layer_output(mode, xs, ws, bidirectional, lengths, True), torch.float32
+        torch.float32, lambda xs, ws: layer_output(mode, xs, ws, bidirectional, lengths, True)
     )
-    rounded = gradients(
-        lambda xs, ws: reference.recurrent_layer(
-            mode, xs, ws, bidirectional=bidirectional, lengths=lengths, bf16_products=True
-        ),
-        torch.float64,
-    )
-    for a, r in zip(ours, rounded):
-        step = 2.0**-8 * r.abs().max().item()  # bfloat16's relative rounding step
-        assert (a.double() - r).abs().max().item() <= 4 * step
+    rounded, rounded32 = in_reference(torch.float64, True), in_reference(torch.float32, True)
+    assert_rounding_matches(ours, rounded, rounded32, in_reference(torch.float64, False))
 
 
 @pytest.mark.skipif(HAS_BF16_DOT, reason="the CPU has AVX512-BF16")
