@@ -69,14 +69,15 @@ PyObject* release_cpu_cache(PyObject*, PyObject*) {
       [] { return PyLong_FromLongLong(rnnext::cpu::release_cached_buffers()); });
 }
 
-// _cpu_has_bf16_dot() -> whether bf16_products takes effect on this CPU (AVX512-BF16)
-PyObject* cpu_has_bf16_dot(PyObject*, PyObject*) {
-  return translate_errors([] { return PyBool_FromLong(rnnext::cpu::cpu_has_bf16_dot()); });
+// _cpu_bf16_products() -> whether bf16_products takes effect on this CPU (AVX512-BF16, and
+// RNNEXT_CPU_BF16_PRODUCTS not "0")
+PyObject* cpu_bf16_products(PyObject*, PyObject*) {
+  return translate_errors([] { return PyBool_FromLong(rnnext::cpu::bf16_products_enabled()); });
 }
 
 PyMethodDef methods[] = {
     {"_cpu_cache_stats", cpu_cache_stats, METH_NOARGS, nullptr},
-    {"_cpu_has_bf16_dot", cpu_has_bf16_dot, METH_NOARGS, nullptr},
+    {"_cpu_bf16_products", cpu_bf16_products, METH_NOARGS, nullptr},
     {"_release_cpu_cache", release_cpu_cache, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -340,10 +340,12 @@ def cpu_cache_stats() -> dict[str, int]:
 
 def cpu_bf16_products() -> bool:
     """Whether bfloat16 layers on this CPU multiply in bfloat16 (AVX512-BF16's dot products,
-    sums in float32; see :func:`recurrent_layer`). Where not, they compute wholly in float32."""
+    sums in float32; see :func:`recurrent_layer`). Where not, they compute wholly in float32,
+    as they also do with the environment variable ``RNNEXT_CPU_BF16_PRODUCTS=0`` (read at
+    every call)."""
     from . import _C
 
-    return bool(_C._cpu_has_bf16_dot())
+    return bool(_C._cpu_bf16_products())
 
 
 def release_cpu_cache() -> int:

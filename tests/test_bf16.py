@@ -137,17 +137,21 @@ def test_gradients_round_operands(mode, shape, bidirectional, split, monkeypatch
     assert_rounding_matches(ours, rounded, rounded32, in_reference(torch.float64, False))
 
 
-@pytest.mark.skipif(HAS_BF16_DOT, reason="the CPU has AVX512-BF16")
 @pytest.mark.parametrize("mode", MODES)
-def test_flag_changes_nothing_without_bf16_dot(mode):
-    """Without AVX512-BF16, bf16_products leaves the float32 computation as it is, bitwise."""
+def test_flag_changes_nothing_where_disabled(mode, monkeypatch):
+    """Without AVX512-BF16, or with RNNEXT_CPU_BF16_PRODUCTS=0, bf16_products leaves the
+    float32 computation as it is, bitwise: outputs and gradients."""
+    monkeypatch.setenv("RNNEXT_CPU_BF16_PRODUCTS", "0")
+    assert not functional.cpu_bf16_products()
     torch.manual_seed(3)
-    weights = [w.detach().float() for w in layer_weights(mode, 16, 40)]
-    x = torch.randn(20, 5, 16)
-    with torch.no_grad():
-        plain = layer_output(mode, x, weights, False, None, False)
-        flagged = layer_output(mode, x, weights, False, None, True)
-    for a, b in zip(plain, flagged):
+    weights = [w.detach().float() for w in layer_weights(mode, 33, 40)]
+    x = torch.randn(20, 5, 33)
+    results = []
+    for bf16_products in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, *weights)]
+        out = layer_output(mode, leaves[0], leaves[1:], False, None, bf16_products)
+        results.append([*out, *torch.autograd.grad(weighted_loss(*out), leaves)])
+    for a, b in zip(*results):
         assert torch.equal(a, b)
 
 

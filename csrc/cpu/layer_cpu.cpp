@@ -40,9 +40,10 @@ bool packs_operands(const LayerShape& s) {
 }
 
 // Whether a call's products with the weights (and its weight gradients' products) run in
-// bfloat16: asked for (the op's bf16_products), float, and a CPU that has AVX512-BF16.
+// bfloat16: asked for (the op's bf16_products), float, and enabled (a CPU that has
+// AVX512-BF16, RNNEXT_CPU_BF16_PRODUCTS not "0").
 bool uses_bf16(bool bf16_products, at::ScalarType dtype) {
-  return bf16_products && dtype == at::kFloat && cpu_has_bf16_dot();
+  return bf16_products && dtype == at::kFloat && bf16_products_enabled();
 }
 
 // Elements per packed copy of R [K, N] in the input's dtype (float or double).

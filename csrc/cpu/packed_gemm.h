@@ -75,6 +75,10 @@ void narrow_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t ld
 //
 // Whether this CPU has that instruction (the build compiles the kernel for it where GCC can).
 bool cpu_has_bf16_dot();
+// Whether calls that ask for bfloat16 products get them: cpu_has_bf16_dot(), unless the
+// environment variable RNNEXT_CPU_BF16_PRODUCTS is "0" (then they compute in float32; read
+// at every call).
+bool bf16_products_enabled();
 // x rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as its bits.
 uint16_t round_to_bf16(float x);
 // Pairs of rows of K (a zero row after an odd K).

@@ -23,6 +23,11 @@ uint16_t round_to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+bool bf16_products_enabled() {
+  const char* env = std::getenv("RNNEXT_CPU_BF16_PRODUCTS");
+  return cpu_has_bf16_dot() && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
 int64_t packed_bf16_size(int64_t K, int64_t N) {
   return packed_ld<float>(N) * bf16_pairs(K) * 2;
 }
