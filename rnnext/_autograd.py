@@ -277,6 +277,10 @@ class CheckpointedLayerFunction(_PositionalFunction):
             dc = dc if is_lstm else None
             if need_input:
                 grad_input[start:stop] = gi
-            for i, g in enumerate(gw):
+            for i, g in enumerate(gw):  # (summed in float32: bfloat16 weights get bfloat16 g)
+                g = g.float() if g.dtype == torch.bfloat16 else g
                 grad_weights[i] = g if grad_weights[i] is None else grad_weights[i].add_(g)
+        grad_weights = [
+            g.to(w.dtype) if g is not None else None for g, w in zip(grad_weights, weights)
+        ]
         return _input_gradients(ctx, grad_input, dh, dc, grad_weights)

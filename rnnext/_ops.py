@@ -24,10 +24,18 @@ Tensor = torch.Tensor
 OPS = (torch.ops.rnnext.layer_forward, torch.ops.rnnext.layer_backward)
 
 
-def _check_like(op: str, name: str, t: Tensor, input: Tensor, shape: Sequence[int]) -> None:
+def _check_like(
+    op: str, name: str, t: Tensor, input: Tensor, shape: Sequence[int], dtype=None
+) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != input.dtype:
+    if dtype is not None and dtype != input.dtype:
+        if t.dtype != dtype:
+            raise TypeError(
+                f"{op}: {name} must be {dtype} like weights[0] (bfloat16 weights with "
+                f"bf16_products on the CPU), got {t.dtype}"
+            )
+    elif t.dtype != input.dtype:
         raise TypeError(f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
     if t.device != input.device:
         raise ValueError(
@@ -45,8 +53,10 @@ def _layer_sizes(
     has_biases: bool,
     bidirectional: bool,
     lengths: Tensor | None,
+    bf16_products: bool = False,
 ) -> tuple[int, int, int, int, int, int]:
-    """Checks the shared arguments of both ops; returns (T, B, H, P, D, workspace row)."""
+    """Checks the shared arguments of both ops; returns (T, B, H, P, D, workspace row). With
+    bf16_products and float32 input on the CPU the weights may all be bfloat16."""
     if mode not in GATES:
         raise ValueError(f"rnnext: mode must be one of {list(GATES)}, got {mode!r}")
     if input.dim() != 3:
@@ -76,9 +86,17 @@ def _layer_sizes(
     H = weights[0].shape[0] // G
     P = weights[per_dir - 1].shape[0] if has_proj else H
     expected = [(G * H, I), (G * H, P), (G * H,), (G * H,)][:base] + [(P, H)] * has_proj
+    bf16_weights = (
+        bf16_products
+        and input.dtype == torch.float32
+        and input.device.type == "cpu"
+        and weights[0].dtype == torch.bfloat16
+    )
+    weight_dtype = torch.bfloat16 if bf16_weights else None
     for d in range(D):
         for k, shape in enumerate(expected):
-            _check_like(op, f"weights[{d * per_dir + k}]", weights[d * per_dir + k], input, shape)
+            w = weights[d * per_dir + k]
+            _check_like(op, f"weights[{d * per_dir + k}]", w, input, shape, weight_dtype)
     if hx is not None:
         _check_like(op, "hx", hx, input, (D, B, P))
     if cx is not None:
@@ -114,7 +132,16 @@ def _layer_forward_fake(
     bf16_products=False,
 ):
     T, B, H, P, D, ws_row = _layer_sizes(
-        "rnnext.layer_forward", mode, input, weights, hx, cx, has_biases, bidirectional, lengths
+        "rnnext.layer_forward",
+        mode,
+        input,
+        weights,
+        hx,
+        cx,
+        has_biases,
+        bidirectional,
+        lengths,
+        bf16_products,
     )
     output = input.new_empty((T, B, D * P))
     h_n = input.new_empty((D, B, P))
@@ -143,7 +170,7 @@ def _layer_backward_fake(
 ):
     op = "rnnext.layer_backward"
     T, B, H, P, D, ws_row = _layer_sizes(
-        op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths
+        op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths, bf16_products
     )
     _check_like(op, "output", output, input, (T, B, D * P))
     _check_like(op, "workspace", workspace, input, (D, T, B, ws_row))

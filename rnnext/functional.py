@@ -95,9 +95,15 @@ def recurrent_layer(
     half_on_cpu = on_cpu and input.dtype in (torch.float16, torch.bfloat16)
     if half_on_cpu:
         half = input.dtype
-        input, hx, cx, *weights = [
-            t.float() if t is not None and t.dtype == half else t for t in (input, hx, cx, *weights)
+        # bfloat16 weights go to the op as they are: it packs them straight from their bits
+        # (a float copy of a large layer's weights per call cost more than its products at
+        # short sequences), or makes the float copies itself where its products cannot take
+        # bfloat16
+        input, hx, cx = [
+            t.float() if t is not None and t.dtype == half else t for t in (input, hx, cx)
         ]
+        if not bf16_products:
+            weights = [t.float() if t.dtype == half else t for t in weights]
     if lengths is not None:
         check_lengths(lengths, input, hx, cx)
     if checkpoint_every is not None:

@@ -28,11 +28,19 @@ int64_t saved_width(CellKind cell) {
 }
 
 void check_like_input(const char* op, const std::string& name, const at::Tensor& t,
-                      const at::Tensor& input, at::IntArrayRef shape) {
+                      const at::Tensor& input, at::IntArrayRef shape,
+                      std::optional<at::ScalarType> dtype) {
   TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && t.sizes() == shape, op, ": ",
                     name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
-                   " must have the input's dtype ", input.scalar_type(), ", got ", t.scalar_type());
+  if (dtype.has_value() && *dtype != input.scalar_type()) {
+    TORCH_CHECK_TYPE(t.scalar_type() == *dtype, op, ": ", name, " must be ", *dtype,
+                     " like weights[0] (bfloat16 weights with bf16_products on the CPU), got ",
+                     t.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
+                     " must have the input's dtype ", input.scalar_type(), ", got ",
+                     t.scalar_type());
+  }
   TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " must be on the input's device ",
                     input.device(), ", got ", t.device());
 }
@@ -100,8 +108,9 @@ DirectionTensors::DirectionTensors(const LayerShape& s, int64_t d,
   w_ih = w.w_ih.contiguous();
   w_hh = w.w_hh.contiguous();
   w_hr = s.has_proj ? w.w_hr.contiguous() : at::Tensor();
-  b_ih = s.has_biases ? w.b_ih.contiguous() : at::zeros({s.G * s.H}, opts);
-  b_hh = s.has_biases ? w.b_hh.contiguous() : at::zeros({s.G * s.H}, opts);
+  // (in the loops' dtype: bfloat16 biases, beside bfloat16 weights on the CPU, become float)
+  b_ih = s.has_biases ? w.b_ih.to(opts.dtype()).contiguous() : at::zeros({s.G * s.H}, opts);
+  b_hh = s.has_biases ? w.b_hh.to(opts.dtype()).contiguous() : at::zeros({s.G * s.H}, opts);
   h0 = initial(hx, s.P);
   c0 = s.cell == CellKind::kLstm ? initial(cx, s.H) : at::Tensor();
 }
@@ -109,7 +118,8 @@ DirectionTensors::DirectionTensors(const LayerShape& s, int64_t d,
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,
-                            bool bidirectional, const std::optional<at::Tensor>& lengths) {
+                            bool bidirectional, const std::optional<at::Tensor>& lengths,
+                            bool bf16_products) {
   LayerShape s;
   s.cell = parse_mode(mode);
   s.G = gate_count(s.cell);
@@ -157,6 +167,10 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
                     ": sizes beyond 32-bit GEMM dimensions are not supported: B = ", s.B,
                     ", I = ", s.I, ", G*H = ", GH, ", P = ", s.P, " (at most ", int32_limit, ")");
 
+  s.bf16_weights = bf16_products && dtype == at::kFloat && input.is_cpu() &&
+                   weights[0].scalar_type() == at::kBFloat16;
+  const std::optional<at::ScalarType> weight_dtype =
+      s.bf16_weights ? std::optional<at::ScalarType>(at::kBFloat16) : std::nullopt;
   for (int64_t d = 0; d < s.D; ++d) {
     const at::Tensor* w = weights.data() + d * per_dir;
     auto name = [&](int64_t k, const char* role) {
@@ -164,18 +178,18 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
              (d ? " of the reverse direction)" : ")");
     };
     DirectionWeights dw;
-    check_like_input(op, name(0, "w_ih"), w[0], input, {GH, s.I});
-    check_like_input(op, name(1, "w_hh"), w[1], input, {GH, s.P});
+    check_like_input(op, name(0, "w_ih"), w[0], input, {GH, s.I}, weight_dtype);
+    check_like_input(op, name(1, "w_hh"), w[1], input, {GH, s.P}, weight_dtype);
     dw.w_ih = w[0];
     dw.w_hh = w[1];
     if (has_biases) {
-      check_like_input(op, name(2, "b_ih"), w[2], input, {GH});
-      check_like_input(op, name(3, "b_hh"), w[3], input, {GH});
+      check_like_input(op, name(2, "b_ih"), w[2], input, {GH}, weight_dtype);
+      check_like_input(op, name(3, "b_hh"), w[3], input, {GH}, weight_dtype);
       dw.b_ih = w[2];
       dw.b_hh = w[3];
     }
     if (s.has_proj) {
-      check_like_input(op, name(base, "w_hr"), w[base], input, {s.P, s.H});
+      check_like_input(op, name(base, "w_hr"), w[base], input, {s.P, s.H}, weight_dtype);
       dw.w_hr = w[base];
     }
     s.dirs.push_back(dw);

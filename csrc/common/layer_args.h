@@ -41,6 +41,8 @@ struct LayerShape {
   CellKind cell;
   int64_t T, B, I, H, P, G, D, S, ws_row;
   bool has_biases, has_proj;
+  // bfloat16 weights with float32 input (CPU, bf16_products): see check_layer_args
+  bool bf16_weights = false;
   std::vector<DirectionWeights> dirs;
   std::vector<int64_t> lengths;      // [B] per-row lengths, longest first (T without lengths)
   std::vector<int64_t> batch_sizes;  // [T] rows active at each step
@@ -53,16 +55,19 @@ struct LayerShape {
 // Checks the forward op's arguments and returns their sizes.
 // input [T, B, I] float32 or float64 (also float16 and bfloat16 on CUDA); hx [D, B, P]; cx [D, B,
 // H] (LSTM only); lengths [B] int64 or int32, on the CPU or the input's device, values in [0, T],
-// sorted longest first.
+// sorted longest first. The weights have the input's dtype, or, with bf16_products and float32
+// input on the CPU, all of them may be bfloat16 (s.bf16_weights).
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,
-                            bool bidirectional, const std::optional<at::Tensor>& lengths);
+                            bool bidirectional, const std::optional<at::Tensor>& lengths,
+                            bool bf16_products = false);
 
 // Checks a tensor the backward op takes besides the forward's arguments: same dtype and
-// device as the input and exactly the shape the forward made.
+// device as the input and exactly the shape the forward made (dtype: another one, where given).
 void check_like_input(const char* op, const std::string& name, const at::Tensor& t,
-                      const at::Tensor& input, at::IntArrayRef shape);
+                      const at::Tensor& input, at::IntArrayRef shape,
+                      std::optional<at::ScalarType> dtype = std::nullopt);
 
 // Checks what layer_backward takes besides the forward's arguments: output [T, B, D*P],
 // workspace [D, T, B, ws_row], grad_output like output, grad_h_n [D, B, P], grad_c_n [D, B, H]

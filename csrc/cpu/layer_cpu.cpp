@@ -36,7 +36,8 @@ constexpr int64_t kPackedMinSteps = 4;
 constexpr int64_t kPackedMinRows = 17;
 
 bool packs_operands(const LayerShape& s) {
-  return s.T >= kPackedMinSteps && s.T * s.B >= kPackedMinRows;
+  // bfloat16 weights are packed at every size: there BLAS would first need float copies
+  return s.bf16_weights || (s.T >= kPackedMinSteps && s.T * s.B >= kPackedMinRows);
 }
 
 // Whether a call's products with the weights (and its weight gradients' products) run in
@@ -59,15 +60,27 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
 //
 // With bf16 (bf16_products, float, a CPU with AVX512-BF16 and N not narrow) the copy is
 // packed in bfloat16 for packed_gemm_bf16 (packed_gemm.h).
-Tensor pack_operand(const Tensor& weight, int64_t K, int64_t N, bool transposed,
+//
+// A bfloat16 weight (s.bf16_weights) is packed from its own bits; where N is narrow, a float
+// copy of it is used as a float weight.
+Tensor pack_operand(const Tensor& weight_arg, int64_t K, int64_t N, bool transposed,
                     const LayerShape& s, bool bf16) {
-  if (!weight.defined() || !packs_operands(s)) return Tensor();
-  if (uses_bf16(bf16, weight.scalar_type()) && !is_narrow<float>(N)) {
-    Tensor packed = empty_cached({packed_bf16_size(K, N)}, weight.options().dtype(at::kBFloat16));
-    pack_right_operand_bf16(weight.const_data_ptr<float>(), K, N, transposed, transposed ? K : N,
-                            static_cast<uint16_t*>(packed.mutable_data_ptr()));
+  if (!weight_arg.defined() || !packs_operands(s)) return Tensor();
+  const bool bf16_source = weight_arg.scalar_type() == at::kBFloat16;
+  if ((bf16_source || uses_bf16(bf16, weight_arg.scalar_type())) && !is_narrow<float>(N)) {
+    Tensor packed =
+        empty_cached({packed_bf16_size(K, N)}, weight_arg.options().dtype(at::kBFloat16));
+    auto* dst = static_cast<uint16_t*>(packed.mutable_data_ptr());
+    const int64_t ld = transposed ? K : N;
+    if (bf16_source) {
+      pack_right_operand_bf16(static_cast<const uint16_t*>(weight_arg.const_data_ptr()), K, N,
+                              transposed, ld, dst);
+    } else {
+      pack_right_operand_bf16(weight_arg.const_data_ptr<float>(), K, N, transposed, ld, dst);
+    }
     return packed;
   }
+  const Tensor weight = bf16_source ? weight_arg.to(at::kFloat) : weight_arg;
   Tensor packed;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "rnnext_pack_operand", [&] {
     if (is_narrow<scalar_t>(N)) {
@@ -107,7 +120,9 @@ struct DirectionInputs : DirectionTensors {
   template <typename T>
   RightOperand<T> operand(const Tensor& weight, const Tensor& packed) const {
     RightOperand<T> r;
-    r.data = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
+    // (a bfloat16 weight is always packed: no BLAS call reads it)
+    r.data = weight.defined() && weight.scalar_type() != at::kBFloat16 ? weight.const_data_ptr<T>()
+                                                                       : nullptr;
     r.transposed = !backward;
     if (packed.defined() && packed.scalar_type() == at::kBFloat16) {
       r.packed_bf16 = static_cast<const uint16_t*>(packed.const_data_ptr());
@@ -137,7 +152,7 @@ void fill_dims(LayerDims<T>& p, const LayerShape& s, const Tensor& input, int64_
                const DirectionInputs& in) {
   static_cast<LayerSizes&>(p) = direction_sizes(s, d, block_steps(s));
   p.x = input.const_data_ptr<T>();
-  p.w_hr = s.has_proj ? in.w_hr.const_data_ptr<T>() : nullptr;
+  p.has_projection = s.has_proj;
   p.ih = in.template operand<T>(in.w_ih, in.ih_packed);
   p.hh = in.template operand<T>(in.w_hh, in.hh_packed);
   p.hr = in.template operand<T>(in.w_hr, in.hr_packed);
@@ -175,12 +190,26 @@ void for_each_direction(int64_t directions, const F& run) {
   });
 }
 
+// The weights as the loops take them. bfloat16 weights beside float32 input (allowed with
+// bf16_products) stay bfloat16 where the products run in bfloat16, and become float copies
+// where they cannot (no AVX512-BF16, or RNNEXT_CPU_BF16_PRODUCTS=0).
+std::vector<Tensor> loop_weights(at::TensorList weights, const Tensor& input, bool bf16_products) {
+  std::vector<Tensor> result(weights.begin(), weights.end());
+  if (bf16_products && input.scalar_type() == at::kFloat && !uses_bf16(true, at::kFloat)) {
+    for (Tensor& w : result) {
+      if (w.scalar_type() == at::kBFloat16) w = w.to(at::kFloat);
+    }
+  }
+  return result;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
+    c10::string_view mode, const Tensor& input_arg, at::TensorList weights_arg,
     const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
     const optional<Tensor>& lengths, bool need_workspace, bool bf16_products) {
+  const std::vector<Tensor> weights = loop_weights(weights_arg, input_arg, bf16_products);
   const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input_arg, weights, hx, cx,
-                                        has_biases, bidirectional, lengths);
+                                        has_biases, bidirectional, lengths, bf16_products);
   const Tensor input = input_arg.contiguous();
   const auto opts = input.options();
   const bool has_state = s.cell == CellKind::kLstm;
@@ -225,15 +254,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
+    c10::string_view mode, const Tensor& input_arg, at::TensorList weights_arg,
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
     const Tensor& workspace_arg, const optional<Tensor>& grad_output,
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
     bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
     bool bf16_products) {
   const char* op = "rnnext.layer_backward";
-  const LayerShape s =
-      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
+  const std::vector<Tensor> weights = loop_weights(weights_arg, input_arg, bf16_products);
+  const LayerShape s = check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases,
+                                        bidirectional, lengths, bf16_products);
   const bool has_state = s.cell == CellKind::kLstm;
   check_backward_args(op, s, mode, input_arg, output, workspace_arg, grad_output, grad_h_n,
                       grad_c_n);
@@ -352,7 +382,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   for (int64_t d = 0; d < s.D && need_weights; ++d) {
     // the h0 term of dW_hh: each row's first step consumed h0
     if (hx.has_value()) grad_w[d][1].addmm_(dgh_first[d].t(), inputs[d].h0);
-    for (Tensor& g : grad_w[d]) grad_weights.push_back(g);
+    // (each in its weight's dtype: bfloat16 weights get their float sums rounded once)
+    for (Tensor& g : grad_w[d]) {
+      const at::ScalarType dtype = weights_arg[grad_weights.size()].scalar_type();
+      grad_weights.push_back(g.scalar_type() == dtype ? g : g.to(dtype));
+    }
   }
   // (unwanted gradients are distinct empty tensors: outputs must not alias each other)
   const Tensor grad_input = !need_input ? at::empty({0}, opts)

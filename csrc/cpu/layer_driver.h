@@ -37,15 +37,15 @@ inline int64_t pointwise_grain(int64_t row_elems) {
 // bounded however long the sequence is.
 template <typename T>
 struct LayerDims : LayerSizes {
-  const T* x;     // [T, B, I] the layer's input
-  const T* w_hr;  // [P, H], or null without a projection
+  const T* x;                   // [T, B, I] the layer's input
+  bool has_projection = false;  // an LSTM projection w_hr [P, H]
   // the right-hand operands of the GEMMs: forward x @ w_ih^T, h @ w_hh^T and m @ w_hr^T,
   // backward dgx @ w_ih, dgh @ w_hh and dh' @ w_hr (only the pass's own are set)
   RightOperand<T> ih, hh, hr;
   const T* h0;  // [B, P]
   const T* c0;  // [B, H] (cells with a cell state)
 
-  bool projected() const { return w_hr != nullptr; }
+  bool projected() const { return has_projection; }
 };
 
 // sums[N] += the column sums of rows [M, N] (row stride ld). Each thread sums whole columns,

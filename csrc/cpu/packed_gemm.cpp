@@ -153,6 +153,8 @@ void pack_tile_clone(const float* src, int64_t K, int64_t N, bool transposed, in
                      int64_t n0, float* tile);
 void pack_tile_clone(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                      int64_t n0, double* tile);
+void pack_tile_clone(const uint32_t* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                     int64_t n0, uint32_t* tile);
 
 namespace {
 
@@ -317,6 +319,16 @@ inline __attribute__((always_inline)) void narrow_rows_at(int64_t M, int64_t N, 
 RNNEXT_PACKED_GEMM_ENTRY_POINTS(float)
 RNNEXT_PACKED_GEMM_ENTRY_POINTS(double)
 #undef RNNEXT_PACKED_GEMM_ENTRY_POINTS
+
+// 32-bit words, tiled as floats are: pairs of bfloat16 values (pack_right_operand_bf16)
+RNNEXT_CPU_CLONES void pack_tile_clone(const uint32_t* src, int64_t K, int64_t N, bool transposed,
+                                       int64_t ld, int64_t n0, uint32_t* tile) {
+  pack_tile(src, K, N, transposed, ld, n0, tile);
+}
+void pack_right_operand(const uint32_t* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        uint32_t* dst) {
+  pack_tiles(src, K, N, transposed, ld, dst);
+}
 
 }  // namespace cpu
 }  // namespace rnnext

@@ -33,6 +33,9 @@ void pack_right_operand(const float* src, int64_t K, int64_t N, bool transposed,
                         float* dst);
 void pack_right_operand(const double* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                         double* dst);
+// The same for 32-bit words (tiles of 32 columns, as float's).
+void pack_right_operand(const uint32_t* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                        uint32_t* dst);
 
 // C[M, N] = A[M, K] @ R + beta C (+ bias [N] on every row, unless null) for the columns
 // [n_begin, n_end) (n_begin a multiple of the tile; n_end one too, or N).
@@ -92,6 +95,9 @@ int64_t packed_bf16_size(int64_t K, int64_t N);
 // (the dot-product instruction's operand layout). R [K, N] is src^T for src [N, K] (transposed)
 // or src itself; src's rows are `ld` apart.
 void pack_right_operand_bf16(const float* src, int64_t K, int64_t N, bool transposed, int64_t ld,
+                             uint16_t* dst);
+// The same from a bfloat16 source (its bits as uint16_t): a copy, nothing rounded.
+void pack_right_operand_bf16(const uint16_t* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                              uint16_t* dst);
 // packed_gemm and packed_gemm_at with A rounded to bfloat16 and R packed by
 // pack_right_operand_bf16.
