@@ -21,11 +21,13 @@
 //            x W_ih^T, h W_hh^T, m W_hr^T; backward: the gate gradients times W_ih, W_hh and
 //            dh' W_hr) and the weight gradients' products (dG^T x, dG^T h) take both
 //            operands rounded to bfloat16 and sum in float32, as torch.nn's bfloat16 layers
-//            compute; for float32 tensors that hold the values of bfloat16 ones (a module
-//            converted with .bfloat16() on the CPU), or under bfloat16 autocast. The CPU
-//            does so where it has AVX512-BF16, for products of at least 17 columns in calls
-//            of at least 4 steps and 17 rows, but for dW_hr and the h0 term of dW_hh;
-//            elsewhere, and on CUDA, it changes nothing.
+//            compute; for a module converted with .bfloat16() on the CPU (float32 input and
+//            states, and the weights either bfloat16 themselves, their gradients then
+//            bfloat16 too, or float32 copies), or under bfloat16 autocast (float32 weights).
+//            The CPU does so where it has AVX512-BF16, for products of at least 17 columns
+//            (with float32 weights, in calls of at least 4 steps and 17 rows), but for dW_hr
+//            and the h0 term of dW_hh; elsewhere, and on CUDA, it changes nothing (bfloat16
+//            weights are then converted on the CPU; CUDA refuses them beside float32 input).
 #include <Python.h>
 #include <torch/library.h>
 
