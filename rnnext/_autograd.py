@@ -39,6 +39,9 @@ def _reference_gradients(
     from . import reference
 
     input, hx, cx, *weights = tensors
+    # (bfloat16 weights beside float32 input, as a bfloat16 module hands them to the CPU op:
+    # the reference multiplies in the input's dtype; the cast is differentiable)
+    weights = [w.to(input.dtype) for w in weights]
     outputs = reference.recurrent_layer(
         mode,
         input,

@@ -23,10 +23,12 @@ def bf16_values(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.bfloat16).double()
 
 
-def layer_output(mode, x, weights, bidirectional, lengths, bf16_products):
+def layer_output(
+    mode, x, weights, bidirectional, lengths, bf16_products, *, bias=True, hx=None, cx=None
+):
     """(output, h_n, c_n) of the op (float32) through its autograd Function."""
     output, h_n, c_n, _ = LayerFunction.apply(
-        mode, True, bidirectional, bf16_products, lengths, x, None, None, *weights
+        mode, bias, bidirectional, bf16_products, lengths, x, hx, cx, *weights
     )
     return output, h_n, c_n
 
@@ -143,19 +145,25 @@ def test_gradients_round_operands(mode, shape, bidirectional, split, monkeypatch
 @pytest.mark.parametrize("mode", MODES)
 def test_flag_changes_nothing_where_disabled(mode, monkeypatch):
     """Without AVX512-BF16, or with RNNEXT_CPU_BF16_PRODUCTS=0, bf16_products leaves the
-    float32 computation as it is, bitwise: outputs and gradients."""
+    float32 computation as it is, bitwise: outputs and gradients; bfloat16 weights (a
+    bfloat16 module's) are then converted in the op, and get their float32 gradients rounded."""
     monkeypatch.setenv("RNNEXT_CPU_BF16_PRODUCTS", "0")
     assert not functional.cpu_bf16_products()
     torch.manual_seed(3)
-    weights = [w.detach().float() for w in layer_weights(mode, 33, 40)]
+    weights = [bf16_values(w).float() for w in layer_weights(mode, 33, 40)]
     x = torch.randn(20, 5, 33)
     results = []
-    for bf16_products in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (x, *weights)]
+    for bf16_products, dtype in (
+        (False, torch.float32),
+        (True, torch.float32),
+        (True, torch.bfloat16),
+    ):
+        leaves = [x.clone().requires_grad_()] + [w.to(dtype).requires_grad_() for w in weights]
         out = layer_output(mode, leaves[0], leaves[1:], False, None, bf16_products)
         results.append([*out, *torch.autograd.grad(weighted_loss(*out), leaves)])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for plain, flagged, bf16_weights in zip(*results):
+        assert torch.equal(plain, flagged)
+        assert torch.equal(plain.to(bf16_weights.dtype), bf16_weights)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -258,3 +266,53 @@ def test_bfloat16_weights_into_the_op(mode, shape, bidirectional):
         assert (distance <= 2.0**-8 * r.abs() + margin).double().mean().item() >= 0.95
         step = 2.0**-8 * r.abs().max().item()
         assert distance.max().item() <= 0.5 * (r - e).abs().max().item() + step
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(6, 3, 8, 40, 0), (5, 4, 33, 4, 0), (4, 5, 33, 40, 5)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["noh0", "h0"])
+def test_bfloat16_weights_equal_their_float32_values(mode, shape, bias, with_state):
+    """For calls large enough to pack (T >= 4, T * B >= 17), bfloat16 weights give bitwise what
+    float32 weights holding the same values give with bf16_products (outputs, states, the
+    input's and the states' gradients), and their gradients are those float32 gradients
+    rounded once: narrow products (I = 8, H = 4, P = 5), no biases, a given state (the h0
+    term of W_hh's gradient), both directions."""
+    T, B, I, H, proj = shape
+    if proj and mode != "LSTM":
+        pytest.skip("projections are LSTM-only")
+    torch.manual_seed(7)
+    weights = [
+        bf16_values(w).float()
+        for w in layer_weights(mode, I, H, bias=bias, directions=2, proj=proj)
+    ]
+    x = torch.randn(T, B, I)
+    hx = torch.randn(2, B, proj or H) if with_state else None
+    cx = torch.randn(2, B, H) if with_state and mode == "LSTM" else None
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.clone().requires_grad_() for t in (x, *(s for s in (hx, cx) if s is not None))]
+        ws = [w.to(dtype).requires_grad_() for w in weights]
+        h, c = leaves[1] if with_state else None, leaves[2] if cx is not None else None
+        out = layer_output(mode, leaves[0], ws, True, None, True, bias=bias, hx=h, cx=c)
+        grads = torch.autograd.grad(weighted_loss(*out), leaves + ws)
+        results.append((out, grads[: len(leaves)], grads[len(leaves) :]))
+    (out32, state32, w32), (out16, state16, w16) = results
+    for a, b in zip([*out32, *state32], [*out16, *state16]):
+        assert torch.equal(a, b)
+    for a, b in zip(w32, w16):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_bfloat16_module_second_derivatives(mode):
+    """create_graph=True through a bfloat16 module on the CPU (its bfloat16 weights beside
+    float32 input in the reference's recomputation): finite second derivatives."""
+    torch.manual_seed(8)
+    module = make_module(mode, 6, 8, nn=False).bfloat16()
+    x = torch.randn(5, 4, 6).bfloat16().requires_grad_()
+    (grad_x,) = torch.autograd.grad(module(x)[0].float().pow(2).sum(), x, create_graph=True)
+    second = torch.autograd.grad(grad_x.float().sum(), module.weight_hh_l0)[0]
+    assert second.dtype == torch.bfloat16 and second.shape == module.weight_hh_l0.shape
+    assert torch.isfinite(second.float()).all() and second.float().abs().sum() > 0

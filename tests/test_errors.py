@@ -56,6 +56,25 @@ def test_op_dtype_mismatch():
         op("GRU", x, w, torch.zeros(1, 2, 5, dtype=torch.float64), None, True, False, None, False)
 
 
+@pytest.mark.parametrize("bf16_enabled", ["1", "0"])
+def test_op_bfloat16_weights_rules(bf16_enabled, monkeypatch):
+    """bfloat16 weights beside float32 input are taken only with bf16_products, on the CPU, all
+    of them bfloat16 (whether or not this CPU's products take them), and never beside float64
+    input."""
+    monkeypatch.setenv("RNNEXT_CPU_BF16_PRODUCTS", bf16_enabled)
+    x, w = args()
+    bf16 = [t.bfloat16() for t in w]
+    with raises(TypeError, "weights[0] (w_ih) must have the input's dtype Float", "got BFloat16"):
+        op("GRU", x, bf16, None, None, True, False, None, False)
+    mixed = [bf16[0], w[1], *bf16[2:]]
+    with raises(TypeError, "weights[1] (w_hh) must be BFloat16 like weights[0]", "got Float"):
+        op("GRU", x, mixed, None, None, True, False, None, False, True)
+    with raises(TypeError, "weights[0] (w_ih) must have the input's dtype Double"):
+        op("GRU", x.double(), bf16, None, None, True, False, None, False, True)
+    output = op("GRU", x, bf16, None, None, True, False, None, False, True)[0]
+    assert output.dtype == torch.float32 and torch.isfinite(output).all()
+
+
 def test_op_hidden_state_shape():
     x, w = args()
     with raises(ValueError, "hx must have shape [1, 2, 5]", "got [1, 3, 5]"):

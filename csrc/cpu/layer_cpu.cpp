@@ -195,10 +195,13 @@ void for_each_direction(int64_t directions, const F& run) {
 // where they cannot (no AVX512-BF16, or RNNEXT_CPU_BF16_PRODUCTS=0).
 std::vector<Tensor> loop_weights(at::TensorList weights, const Tensor& input, bool bf16_products) {
   std::vector<Tensor> result(weights.begin(), weights.end());
-  if (bf16_products && input.scalar_type() == at::kFloat && !uses_bf16(true, at::kFloat)) {
-    for (Tensor& w : result) {
-      if (w.scalar_type() == at::kBFloat16) w = w.to(at::kFloat);
-    }
+  const bool all_bf16 = std::all_of(result.begin(), result.end(), [](const Tensor& w) {
+    return w.scalar_type() == at::kBFloat16;
+  });
+  // (a mix of dtypes is left to check_layer_args's error, as where the products take bfloat16)
+  if (bf16_products && input.scalar_type() == at::kFloat && all_bf16 &&
+      !uses_bf16(true, at::kFloat)) {
+    for (Tensor& w : result) w = w.to(at::kFloat);
   }
   return result;
 }
