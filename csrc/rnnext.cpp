@@ -25,8 +25,8 @@
 //            states, and the weights either bfloat16 themselves, their gradients then
 //            bfloat16 too, or float32 copies), or under bfloat16 autocast (float32 weights).
 //            The CPU does so where it has AVX512-BF16, for products of at least 17 columns
-//            (with float32 weights, in calls of at least 4 steps and 17 rows), but for dW_hr
-//            and the h0 term of dW_hh; elsewhere, and on CUDA, it changes nothing (bfloat16
+//            (with float32 weights, in calls of at least 4 steps and 17 rows), but for the
+//            h0 term of dW_hh; elsewhere, and on CUDA, it changes nothing (bfloat16
 //            weights are then converted on the CPU; CUDA refuses them beside float32 input).
 #include <Python.h>
 #include <torch/library.h>

@@ -78,8 +78,8 @@ def recurrent_layer(
     gradients' products take their operands (the input, the state, the gate gradients)
     rounded to bfloat16, as torch.nn's bfloat16 layers do, and sum in float32: up to twice the
     float32 speed; the bfloat16 weights go to the op as they are. Everything else stays
-    float32, and so do products 16 columns wide or narrower, the projection's weight gradient
-    and the initial state's term of W_hh's gradient (so how a sequence is split into calls,
+    float32, and so do products 16 columns wide or narrower and the initial state's term of
+    W_hh's gradient (so how a sequence is split into calls,
     checkpoint segments or streaming chunks, can move the gradients by a rounding step); under
     bfloat16 autocast (float32 weights) also all products of a call of fewer than 4 steps or
     17 rows (T * B).

@@ -21,16 +21,15 @@ def _bf16(t: Tensor) -> Tensor:
 
 class _Bf16Product(torch.autograd.Function):
     """a @ w^T with both operands rounded to bfloat16, and its gradients as the ops'
-    bf16_products makes them: grad_a = bf16(g) @ bf16(w), grad_w = bf16(g)^T @ bf16(a), or
-    unrounded g^T a where round_weight_grad is False (the projection's weight gradient)."""
+    bf16_products makes them: grad_a = bf16(g) @ bf16(w), grad_w = bf16(g)^T @ bf16(a)."""
 
     @staticmethod
-    def forward(a, w, round_weight_grad):
+    def forward(a, w):
         return _bf16(a) @ _bf16(w).t()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, w, ctx.round_weight_grad = inputs
+        a, w = inputs
         ctx.save_for_backward(a, w)
 
     @staticmethod
@@ -38,15 +37,13 @@ class _Bf16Product(torch.autograd.Function):
         a, w = ctx.saved_tensors
         g = _bf16(grad)
         grad_a = g @ _bf16(w) if ctx.needs_input_grad[0] else None
-        if not ctx.needs_input_grad[1]:
-            return grad_a, None, None
-        grad_w = g.t() @ _bf16(a) if ctx.round_weight_grad else grad.t() @ a
-        return grad_a, grad_w, None
+        grad_w = g.t() @ _bf16(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_w
 
 
-def bf16_product(a: Tensor, w: Tensor, round_weight_grad: bool = True) -> Tensor:
+def bf16_product(a: Tensor, w: Tensor) -> Tensor:
     """a @ w^T in bfloat16 products, forward and backward (see _Bf16Product)."""
-    return _Bf16Product.apply(a, w, round_weight_grad)
+    return _Bf16Product.apply(a, w)
 
 
 def cell_step(
@@ -68,8 +65,8 @@ def cell_step(
     products with the weights and their gradients' products in bfloat16 (bf16_product).
     """
 
-    def product(a: Tensor, w: Tensor, round_weight_grad: bool = True) -> Tensor:
-        return bf16_product(a, w, round_weight_grad) if bf16_products else a @ w.t()
+    def product(a: Tensor, w: Tensor) -> Tensor:
+        return bf16_product(a, w) if bf16_products else a @ w.t()
 
     gx = product(x, w_ih)
     gh = product(h, w_hh)
@@ -91,9 +88,7 @@ def cell_step(
         i, f, g, o = (gx + gh).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        # (the ops make the projection's weight gradient in float32)
-        projected = h_new if w_hr is None else product(h_new, w_hr, round_weight_grad=False)
-        return projected, c_new
+        return (h_new if w_hr is None else product(h_new, w_hr)), c_new
     raise ValueError(f"mode must be 'RNN_TANH', 'RNN_RELU', 'GRU' or 'LSTM', got {mode!r}")
 
 

@@ -321,6 +321,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   };
   const Tensor packed_x = packed_rows(s.I);
   const Tensor packed_h = packed_rows(s.P);
+  const Tensor packed_m =
+      bf16_rows && s.has_proj && !is_narrow<float>(s.H)
+          ? at::empty({s.D, packed_bf16_size(steps * s.B, s.H)}, opts.dtype(at::kBFloat16))
+          : Tensor();
   std::vector<DirectionInputs> inputs;
   for (int64_t d = 0; d < s.D; ++d) {
     inputs.emplace_back(s, d, hx, cx, opts, /*backward_pass=*/true, bf16_products);
@@ -377,6 +381,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       };
       packed_at_d(packed_x, p.packed_x, p.packed_x_bf16);
       packed_at_d(packed_h, p.packed_h, p.packed_h_bf16);
+      if (packed_m.defined()) {
+        p.packed_m_bf16 =
+            static_cast<uint16_t*>(packed_m.mutable_data_ptr()) + d * packed_m.stride(0);
+      }
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });

@@ -393,6 +393,9 @@ struct BackwardParams : LayerDims<T> {
   // packed_x or packed_h where that is null: [packed_bf16_size(block_steps * B, I or P)]
   uint16_t* packed_x_bf16 = nullptr;
   uint16_t* packed_h_bf16 = nullptr;
+  // (with a projection, bf16_products and H not narrow) a block's rows of m in bfloat16 for
+  // dW_hr: [packed_bf16_size(block_steps * B, H)]; null to make dW_hr through BLAS
+  uint16_t* packed_m_bf16 = nullptr;
   T* dm;               // [B, H] (with a projection): gradient w.r.t. m
   T* grad_w_hr_block;  // [P, H] (with a projection): one block's part of grad_w_hr
   T* go_rows;          // [B, P]: a step's output gradient when its rows are strided
@@ -583,7 +586,23 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   // added: with beta = 1, BLAS summed the rows onto the running total, and over six blocks of
   // 1100 rows dW_hr's error grew to 5.7 times the float32 reference's (0.9 times this way).
   if (p.projected()) {
-    gemm<T>(true, false, P, H, rows, T(1), p.grad_h, P, m_rows, ld_m, T(0), p.grad_w_hr_block, H);
+    bool done = false;
+    if constexpr (std::is_same_v<T, float>) {
+      if (p.packed_m_bf16 != nullptr && rows > 0) {
+        // (a projection runs alone: every thread packs and multiplies, by groups of 8 rows)
+        pack_right_operand_bf16(m_rows, rows, H, /*transposed=*/false, ld_m, p.packed_m_bf16);
+        at::parallel_for(0, (P + 7) / 8, std::max<int64_t>(1, 65536 / (8 * H * rows)),
+                         [&](int64_t g0, int64_t g1) {
+                           const int64_t r0 = g0 * 8, r1 = std::min(P, g1 * 8);
+                           packed_gemm_at_bf16(r1 - r0, H, rows, p.grad_h + r0, P, p.packed_m_bf16,
+                                               0.f, p.grad_w_hr_block + r0 * H, H, 0, H);
+                         });
+        done = true;
+      }
+    }
+    if (!done) {
+      gemm<T>(true, false, P, H, rows, T(1), p.grad_h, P, m_rows, ld_m, T(0), p.grad_w_hr_block, H);
+    }
     for (int64_t i = 0; i < P * H; ++i) p.grad_w_hr[i] += p.grad_w_hr_block[i];
   }
   m.sync();
