@@ -1,8 +1,10 @@
 """bfloat16 layers on the CPU: the products with the weights in bfloat16 (bf16_products).
 
-Where the CPU has AVX512-BF16, the ops' bf16_products rounds the operands of every product
-with a weight to bfloat16 and sums in float32; the reference does the same rounding in float64
-(reference.recurrent_layer(bf16_products=True)). Elsewhere the flag must change nothing.
+Where the CPU has AVX512-BF16, the ops' bf16_products rounds the operands of the products
+with a weight and of the weight gradients to bfloat16 and sums in float32 (narrow products and
+the h0 term of W_hh's gradient aside); the reference does the same rounding in float64
+(reference.recurrent_layer(bf16_products=True)). Elsewhere, or with RNNEXT_CPU_BF16_PRODUCTS=0,
+the flag must change nothing.
 """
 
 from __future__ import annotations
