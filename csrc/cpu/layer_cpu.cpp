@@ -199,8 +199,7 @@ std::vector<Tensor> loop_weights(at::TensorList weights, const Tensor& input, bo
     return w.scalar_type() == at::kBFloat16;
   });
   // (a mix of dtypes is left to check_layer_args's error, as where the products take bfloat16)
-  if (bf16_products && input.scalar_type() == at::kFloat && all_bf16 &&
-      !uses_bf16(true, at::kFloat)) {
+  if (bf16_products && input.scalar_type() == at::kFloat && all_bf16 && !bf16_products_enabled()) {
     for (Tensor& w : result) w = w.to(at::kFloat);
   }
   return result;
@@ -371,20 +370,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
       p.h_rows = at_d(h_rows);
       p.m_rows = at_d(m_rows);
       // the packed rows in one type or the other
-      auto packed_at_d = [&](const Tensor& t, T*& packed, uint16_t*& packed_bf16) {
-        if (t.defined() && t.scalar_type() == at::kBFloat16) {
-          packed_bf16 = static_cast<uint16_t*>(t.mutable_data_ptr()) + d * t.stride(0);
-          packed = nullptr;
-        } else {
-          packed = at_d(t);
-        }
+      auto bf16_at_d = [d](const Tensor& t) -> uint16_t* {
+        const bool bf16 = t.defined() && t.scalar_type() == at::kBFloat16;
+        return bf16 ? static_cast<uint16_t*>(t.mutable_data_ptr()) + d * t.stride(0) : nullptr;
       };
-      packed_at_d(packed_x, p.packed_x, p.packed_x_bf16);
-      packed_at_d(packed_h, p.packed_h, p.packed_h_bf16);
-      if (packed_m.defined()) {
-        p.packed_m_bf16 =
-            static_cast<uint16_t*>(packed_m.mutable_data_ptr()) + d * packed_m.stride(0);
-      }
+      p.packed_x_bf16 = bf16_at_d(packed_x);
+      p.packed_h_bf16 = bf16_at_d(packed_h);
+      p.packed_m_bf16 = bf16_at_d(packed_m);
+      p.packed_x = p.packed_x_bf16 != nullptr ? nullptr : at_d(packed_x);
+      p.packed_h = p.packed_h_bf16 != nullptr ? nullptr : at_d(packed_h);
       cells::visit(s.cell, [&](auto cell) { backward_direction<decltype(cell), T>(p); });
     });
   });

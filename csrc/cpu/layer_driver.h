@@ -586,9 +586,10 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
   // added: with beta = 1, BLAS summed the rows onto the running total, and over six blocks of
   // 1100 rows dW_hr's error grew to 5.7 times the float32 reference's (0.9 times this way).
   if (p.projected()) {
-    bool done = false;
+    // (bfloat16 products need rows: with none, BLAS writes the block's zeros)
+    const bool bf16 = std::is_same_v<T, float> && p.packed_m_bf16 != nullptr && rows > 0;
     if constexpr (std::is_same_v<T, float>) {
-      if (p.packed_m_bf16 != nullptr && rows > 0) {
+      if (bf16) {
         // (a projection runs alone: every thread packs and multiplies, by groups of 8 rows)
         pack_right_operand_bf16(m_rows, rows, H, /*transposed=*/false, ld_m, p.packed_m_bf16);
         at::parallel_for(0, (P + 7) / 8, std::max<int64_t>(1, 65536 / (8 * H * rows)),
@@ -597,10 +598,9 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
                            packed_gemm_at_bf16(r1 - r0, H, rows, p.grad_h + r0, P, p.packed_m_bf16,
                                                0.f, p.grad_w_hr_block + r0 * H, H, 0, H);
                          });
-        done = true;
       }
     }
-    if (!done) {
+    if (!bf16) {
       gemm<T>(true, false, P, H, rows, T(1), p.grad_h, P, m_rows, ld_m, T(0), p.grad_w_hr_block, H);
     }
     for (int64_t i = 0; i < P * H; ++i) p.grad_w_hr[i] += p.grad_w_hr_block[i];
