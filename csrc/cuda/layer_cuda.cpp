@@ -269,6 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
             p.dgh_first = data<A>(dgh_first) + d * s.B * GH;
             p.dh = data<A>(dh) + d * s.B * s.P;
             p.dc = has_state ? data<A>(dc) + d * s.B * s.H : nullptr;
+            p.grad_h0 = need_state ? 1 : 0;
             p.dm = s.has_proj ? data<A>(dm) + d * dm.stride(0) : nullptr;
             p.dgx = data<T>(dgx) + d * dgx.stride(0);
             p.dgh = data<T>(dgh) + d * dgh.stride(0);

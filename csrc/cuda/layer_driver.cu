@@ -351,8 +351,10 @@ void backward_loop(const BackwardParams<T>& p, cublasHandle_t handle, cudaStream
           p, t, n, n_cont, h_cont, ws_t, ws_prev, go_t, dcell, ld_dcell, dgx_t, dgh_t);
       check_cuda(cudaGetLastError(), "backward step kernel launch");
     }
-    // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows; the others keep theirs
-    gemm<T, acc_t<T>>(blas, false, false, n, P, GH, dgh_t, GH, p.w_hh, P,
+    // dh_prev = (direct part, GRU) + dgh_t @ W_hh over the active rows (the others keep
+    // theirs); for the rows at their first step that is the gradient w.r.t. h0
+    const int64_t dh_rows = p.grad_h0 != 0 ? n : n_cont;
+    gemm<T, acc_t<T>>(blas, false, false, dh_rows, P, GH, dgh_t, GH, p.w_hh, P,
                       Cell::kDirectHiddenGrad ? 1 : 0, p.dh, P);
     if (s % p.block_steps == 0) backward_block_gemms(p, block_first, block_count, blas);
   }

@@ -80,6 +80,10 @@ struct BackwardParams : LayerDims<T> {
   acc_t<T>* dh;         // [B, P] in: gradient w.r.t. h_n; out: w.r.t. h0
   acc_t<T>* dc;         // [B, H] (LSTM) in: gradient w.r.t. c_n; out: w.r.t. c0
   acc_t<T>* dm;         // [B, H] scratch (projection): gradient w.r.t. m
+  // 1 where the gradients w.r.t. h0 and c0 are wanted, else 0: then a row's first step skips
+  // its part of dh_prev = dgh @ W_hh, which gives only h0's gradient (a whole word, since the
+  // replay keys compare the params' bytes and a bool's padding is unspecified)
+  int64_t grad_h0;
   // Scratch, one block of steps each.
   T* dgx;     // [block_steps, B, G*H] input-side pre-activation gradients
   T* dgh;     // [block_steps, B, G*H] hidden-side ones (aliases dgx unless the cell splits)
