@@ -4,9 +4,11 @@
 # memcheck on a small forward+backward of every cell, benchmark rnnext against torch.nn
 # (cuDNN) in the same process, profile where one forward+backward spends its GPU time, time
 # the small-batch recurrent products through cuBLAS and cuBLASLt and the steps of a long
-# small-batch sequence, time a training loop, and run benchmarks/sequences.py on the GPU.
-# Writes gpu_check.log, summary.json, bench_<dtype>/bench.{json,png} and
-# sequences/sequences.json into the folder given as $1, else $OUT, else benchmarks/results/gpu.
+# small-batch sequence, time a training loop, run benchmarks/sequences.py on the GPU, and time
+# the CPU LSTM on all of the host's cores with each way of sharing its time loop.
+# Writes gpu_check.log, summary.json, bench_<dtype>/bench.{json,png},
+# sequences/sequences.json and cpu_threads/ into the folder given as $1, else $OUT, else
+# benchmarks/results/gpu.
 # Every stage runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,11 @@ timed_stage train_loop 120 "training loop: fresh inputs and an optimizer between
   "$PYTHON" benchmarks/cuda_train_loop.py
 timed_stage sequences 240 "sequences: lengths against PackedSequence, memory at T = 100000" \
   "$PYTHON" benchmarks/sequences.py --device cuda --with-torch-memory --out "$dest/sequences"
+# the host's many cores: the CPU time loops' split by rows or by units (benchmarks/results/
+# cpu-16-cores/README.md), where the 2-core development machine cannot tell them apart
+timed_stage cpu_threads 90 "CPU: LSTM on every core, team split as chosen, by rows, by units" \
+  env THREADS="$(nproc)" CELLS=lstm SIZES=200x32x256,100x64x512 \
+  bash benchmarks/cpu_threads.sh "$dest/cpu_threads"
 # without the caching allocator every tensor is its own allocation, so memcheck sees its bounds
 timed_stage memcheck 200 "compute-sanitizer memcheck" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 9 "$PYTHON" benchmarks/cuda_smoke.py
