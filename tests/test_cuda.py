@@ -152,6 +152,42 @@ def test_repeated_calls_replay_a_graph(mode, bidirectional, monkeypatch):
     assert count["graph_launches"] >= 10
 
 
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_replay_keeps_calls_with_and_without_state_gradients_apart(mode, monkeypatch):
+    """Without a wanted gradient of h0, backward leaves out the first step's product that
+    would give it, so a call that wants it must not replay the graph of one that does not:
+    alternating the two on the same buffers gives, bitwise, the results of eager launches."""
+    torch.manual_seed(6)
+    _, ours = module_pair(mode, 8, 16, dtype=torch.float32, device="cuda")
+    x = torch.randn(12, 4, 8, device="cuda")
+    state = [torch.randn(1, 4, 16, device="cuda") for _ in range(2 if mode == "LSTM" else 1)]
+
+    def call(state_grad):
+        leaf = x.detach().requires_grad_()
+        leaves = [s.detach().requires_grad_(state_grad) for s in state]
+        result = flat(ours(leaf, tuple(leaves) if mode == "LSTM" else leaves[0]))
+        if len(result) == 2:
+            result.append(result[0].new_zeros(0))
+        wanted = [leaf, *(leaves if state_grad else []), *ours.parameters()]
+        return [*result, *torch.autograd.grad(weighted_loss(*result), wanted)]
+
+    monkeypatch.setenv("RNNEXT_CUDA_GRAPHS", "0")
+    eager = {wanted: [t.detach().clone() for t in call(wanted)] for wanted in (False, True)}
+    monkeypatch.setenv("RNNEXT_CUDA_GRAPHS", "1")
+    before = rnnext.functional.cuda_graph_stats()
+    # repeats of one kind capture and replay its graph; the call after them that differs only
+    # in the wanted gradients meets buffers that the caching allocator likely hands out again
+    for wanted in (False,) * 3 + (True,) * 3 + (False, True) * 2:
+        got = call(wanted)
+        assert len(got) == len(eager[wanted])
+        for want, value in zip(eager[wanted], got):
+            assert torch.equal(want, value)
+        del got, want, value
+    after = rnnext.functional.cuda_graph_stats()
+    assert after["failed_captures"] == before["failed_captures"]
+    assert after["graph_launches"] > before["graph_launches"]  # repeated calls did replay
+
+
 @pytest.mark.parametrize("block_steps", [None, "3"], ids=["one_block", "blocks"])
 @pytest.mark.parametrize("graphs", ["0", "1"])
 @pytest.mark.parametrize("mode", MODES)
