@@ -104,9 +104,8 @@ TORCH_LIBRARY(rnnext, m) {
       "layer_backward(str mode, Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
       "Tensor output, Tensor workspace, Tensor? grad_output, Tensor? grad_h_n, "
       "Tensor? grad_c_n, bool has_biases, bool bidirectional, Tensor? lengths, "
-      "bool[3] output_mask, bool bf16_products=False) -> (Tensor grad_input, Tensor grad_hx, "
-      "Tensor grad_cx, "
-      "Tensor[] grad_weights)",
+      "bool[3] output_mask, bool bf16_products=False) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)",
       {at::Tag::pt2_compliant_tag});
   // Counters of the CUDA graph replay of repeated calls (csrc/cuda/graph_replay.h), process
   // wide: [first sightings run eagerly, captures, failed captures, graph launches]. `on_cuda`

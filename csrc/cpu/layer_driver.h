@@ -442,6 +442,18 @@ RNNEXT_CPU_CLONES void backward_rows(const BackwardParams<T>& p, int64_t t, int6
   }
 }
 
+// Calls f(m0, m1) over the rows `rows` of a weight-gradient product in groups of 8 (the
+// kernels' row block), the groups split among threads; macs_per_row (one row's multiply-adds)
+// decides how many threads pay.
+template <typename F>
+void parallel_over_row_groups(Cols rows, int64_t macs_per_row, const F& f) {
+  const int64_t groups = (rows.size() + 7) / 8;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
+                   [&](int64_t g0, int64_t g1) {
+                     f(rows.begin + g0 * 8, std::min(rows.end, rows.begin + g1 * 8));
+                   });
+}
+
 // The input and weight gradients of the steps [first, first + count), from their gate
 // gradients: large GEMMs over all their active rows at once, each member of a team taking its
 // share of the columns. Ends at a barrier, before the next block overwrites the scratch.
@@ -534,14 +546,8 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
       const auto packed_product_at = [&](const auto& pack, const auto& multiply) {
         parallel_over_tiles<T>(m.share(N, kPackedTile<T>), count * kPackedTile<T>, pack);
         m.sync();  // every tile packed
-        const int64_t macs_per_row = N * count;
-        for_gate_cols(m, false, p.gates, H, units, [&](Cols r) {
-          const int64_t groups = (r.size() + 7) / 8;
-          at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (8 * macs_per_row)),
-                           [&](int64_t g0, int64_t g1) {
-                             multiply(r.begin + g0 * 8, std::min(r.end, r.begin + g1 * 8));
-                           });
-        });
+        for_gate_cols(m, false, p.gates, H, units,
+                      [&](Cols r) { parallel_over_row_groups(r, N * count, multiply); });
       };
       if constexpr (std::is_same_v<T, float>) {
         if (packed_bf16 != nullptr) {
@@ -592,12 +598,10 @@ void backward_block_gemms(const BackwardParams<T>& p, int64_t first, int64_t cou
       if (bf16) {
         // (a projection runs alone: every thread packs and multiplies, by groups of 8 rows)
         pack_right_operand_bf16(m_rows, rows, H, /*transposed=*/false, ld_m, p.packed_m_bf16);
-        at::parallel_for(0, (P + 7) / 8, std::max<int64_t>(1, 65536 / (8 * H * rows)),
-                         [&](int64_t g0, int64_t g1) {
-                           const int64_t r0 = g0 * 8, r1 = std::min(P, g1 * 8);
-                           packed_gemm_at_bf16(r1 - r0, H, rows, p.grad_h + r0, P, p.packed_m_bf16,
-                                               0.f, p.grad_w_hr_block + r0 * H, H, 0, H);
-                         });
+        parallel_over_row_groups(Cols{0, P}, H * rows, [&](int64_t r0, int64_t r1) {
+          packed_gemm_at_bf16(r1 - r0, H, rows, p.grad_h + r0, P, p.packed_m_bf16, 0.f,
+                              p.grad_w_hr_block + r0 * H, H, 0, H);
+        });
       }
     }
     if (!bf16) {

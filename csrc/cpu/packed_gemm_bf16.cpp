@@ -34,6 +34,21 @@ int64_t packed_bf16_size(int64_t K, int64_t N) {
 
 namespace {
 
+// Calls fill(tile, n0, width) for each column tile of R [K, N] packed in bfloat16 pairs
+// (tile: its first element, n0: its first column, width: its real columns), tiles split among
+// threads.
+template <typename F>
+void parallel_over_bf16_tiles(int64_t K, int64_t N, uint16_t* dst, const F& fill) {
+  constexpr int64_t kTile = kPackedTile<float>;
+  const int64_t tiles = (N + kTile - 1) / kTile, tile_size = bf16_pairs(K) * 2 * kTile;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kTile));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      fill(dst + t * tile_size, t * kTile, std::min(kTile, N - t * kTile));
+    }
+  });
+}
+
 inline uint16_t bf16_bits(float value) {
   return round_to_bf16(value);
 }
@@ -45,25 +60,18 @@ template <typename Source>
 void pack_bf16_tiles(const Source* src, int64_t K, int64_t N, bool transposed, int64_t ld,
                      uint16_t* dst) {
   constexpr int64_t kTile = kPackedTile<float>;
-  const int64_t pairs = bf16_pairs(K), tiles = (N + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kTile));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint16_t* tile = dst + t * pairs * 2 * kTile;
-      std::fill_n(tile, pairs * 2 * kTile, uint16_t{0});
-      const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-      // element (k, n0 + n) goes to tile[(k / 2) * 2 * kTile + 2 * n + k % 2]; each source row
-      // is read in order (R^T's rows are the tile's columns when transposed)
-      for (int64_t n = 0; n < width && transposed; ++n) {
-        const Source* row = src + (n0 + n) * ld;
-        for (int64_t k = 0; k < K; ++k)
-          tile[(k / 2) * 2 * kTile + 2 * n + k % 2] = bf16_bits(row[k]);
-      }
-      for (int64_t k = 0; k < K && !transposed; ++k) {
-        const Source* row = src + k * ld + n0;
-        uint16_t* out = tile + (k / 2) * 2 * kTile + k % 2;
-        for (int64_t n = 0; n < width; ++n) out[2 * n] = bf16_bits(row[n]);
-      }
+  parallel_over_bf16_tiles(K, N, dst, [&](uint16_t* tile, int64_t n0, int64_t width) {
+    std::fill_n(tile, bf16_pairs(K) * 2 * kTile, uint16_t{0});
+    // element (k, n0 + n) goes to tile[(k / 2) * 2 * kTile + 2 * n + k % 2]; each source row
+    // is read in order (R^T's rows are the tile's columns when transposed)
+    for (int64_t n = 0; n < width && transposed; ++n) {
+      const Source* row = src + (n0 + n) * ld;
+      for (int64_t k = 0; k < K; ++k) tile[(k / 2) * 2 * kTile + 2 * n + k % 2] = bf16_bits(row[k]);
+    }
+    for (int64_t k = 0; k < K && !transposed; ++k) {
+      const Source* row = src + k * ld + n0;
+      uint16_t* out = tile + (k / 2) * 2 * kTile + k % 2;
+      for (int64_t n = 0; n < width; ++n) out[2 * n] = bf16_bits(row[n]);
     }
   });
 }
@@ -89,21 +97,15 @@ void pack_right_operand_bf16(const uint16_t* src, int64_t K, int64_t N, bool tra
   }
   if (!transposed) {
     // R's rows 2p and 2p + 1 side by side, a 32-bit word per column
-    const int64_t tiles = (N + kTile - 1) / kTile;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kTile));
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        auto* tile = reinterpret_cast<uint32_t*>(dst + t * pairs * 2 * kTile);
-        const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-        for (int64_t p = 0; p < pairs; ++p) {
-          const uint16_t* even = src + 2 * p * ld + n0;
-          const uint16_t* odd = 2 * p + 1 < K ? even + ld : nullptr;
-          uint32_t* out = tile + p * kTile;
-          for (int64_t n = 0; n < width; ++n) {
-            out[n] = even[n] | (odd != nullptr ? uint32_t{odd[n]} << 16 : 0u);
-          }
-          std::fill(out + width, out + kTile, 0u);
+    parallel_over_bf16_tiles(K, N, dst, [&](uint16_t* tile, int64_t n0, int64_t width) {
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t* even = src + 2 * p * ld + n0;
+        const uint16_t* odd = 2 * p + 1 < K ? even + ld : nullptr;
+        uint32_t* out = reinterpret_cast<uint32_t*>(tile) + p * kTile;
+        for (int64_t n = 0; n < width; ++n) {
+          out[n] = even[n] | (odd != nullptr ? uint32_t{odd[n]} << 16 : 0u);
         }
+        std::fill(out + width, out + kTile, 0u);
       }
     });
     return;
