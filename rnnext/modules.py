@@ -2,7 +2,8 @@
 
 Each module is a torch.nn.RNNBase, built by torch.nn's own constructor: the arguments,
 defaults, validation, parameter names, shapes, registration order, initialisation and
-``state_dict`` keys are torch.nn's. Only ``forward`` differs: it runs rnnext's fused kernels.
+``state_dict`` keys are torch.nn's. Only ``forward`` differs: it runs rnnext's fused kernels
+(and, during an ONNX export, torch.nn's own forward, which the exporters translate).
 A ``state_dict`` therefore moves between torch.nn and rnnext in both directions and gives the
 same results. They derive from RNNBase rather than from torch.nn.RNN, GRU or LSTM because
 torch.compile refuses to trace those three classes; rnnext's modules compile as one graph.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .functional import check_lengths, longest_first_order, recurrent_layer, select_batch
 
@@ -22,6 +23,9 @@ Tensor = torch.Tensor
 
 class _FusedRNNBase(nn.RNNBase):
     """torch.nn's RNNBase with forward() on rnnext's layer op."""
+
+    # the torch.nn module of the same kind (RNN, GRU or LSTM), set by each subclass
+    _torch_class: type[nn.RNNBase]
 
     def __init__(
         self,
@@ -55,13 +59,26 @@ class _FusedRNNBase(nn.RNNBase):
         # rnnext's own option (not part of the state_dict): see rnnext.functional
         self.checkpoint_every = checkpoint_every
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first; without it, scripting fails on forward's
+        # signature with a message that says nothing of what to do
+        raise RuntimeError(
+            f"rnnext.{type(self).__name__}: torch.jit.script cannot compile rnnext's modules, "
+            "whose forward runs a Python autograd function. Use torch.compile, torch.export, "
+            "torch.onnx.export or, for inference, torch.jit.trace under torch.no_grad()"
+        )
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         every = getattr(self, "checkpoint_every", None)
         return s if every is None else f"{s}, checkpoint_every={every}"
 
     def _fused_forward(self, input, hx, lengths: Tensor | None):
-        """torch.nn's argument handling and checks around rnnext's layer op."""
+        """torch.nn's argument handling and checks around rnnext's layer op. (The modules'
+        forward takes ``lengths`` positionally too, since torch.onnx's TorchScript-based
+        exporter passes every argument of forward by position, defaults included.)"""
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_forward(input, hx, lengths)
         name = f"rnnext.{type(self).__name__}"
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
@@ -114,6 +131,36 @@ class _FusedRNNBase(nn.RNNBase):
             output, h_n = output.squeeze(batch_dim), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if is_lstm else c_n
         return output, ((h_n, c_n) if is_lstm else h_n)
+
+    def _onnx_forward(self, input, hx, lengths: Tensor | None):
+        """torch.nn's own forward on the same parameters, for ONNX export: the exporters
+        translate torch.nn's recurrent ops to ONNX's RNN, GRU and LSTM operators, which any
+        ONNX runtime runs, where rnnext's op means nothing. ``lengths`` go through a
+        PackedSequence, as torch.nn takes them, and come back padded with zeros."""
+        torch_forward = self._torch_class.forward
+        if lengths is None:
+            return torch_forward(self, input, hx)
+        name = f"rnnext.{type(self).__name__}"
+        if not torch.jit.is_tracing():
+            raise ValueError(
+                f"{name}: ONNX export with lengths needs the TorchScript-based exporter, "
+                "torch.onnx.export(..., dynamo=False); the dynamo-based one cannot convert "
+                "torch.nn's packed sequences, which carry the lengths into ONNX"
+            )
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            got = f"{input.dim()}-D input" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(
+                f"{name}: ONNX export takes lengths with a batched 3-D input only, got {got}"
+            )
+        time_dim = 1 if self.batch_first else 0
+        packed = pack_padded_sequence(
+            input, torch.as_tensor(lengths).cpu(), self.batch_first, enforce_sorted=False
+        )
+        output, hidden = torch_forward(self, packed, hx)
+        output, _ = pad_packed_sequence(
+            output, self.batch_first, total_length=input.shape[time_dim]
+        )
+        return output, hidden
 
     def _packed_forward(self, packed: PackedSequence, states: list):
         """A PackedSequence runs as its padded, sorted batch with lengths, in the same kernels."""
@@ -189,6 +236,8 @@ class RNN(_FusedRNNBase):
     :func:`rnnext.functional.recurrent_layer`).
     """
 
+    _torch_class = nn.RNN
+
     def __init__(
         self,
         input_size: int,
@@ -225,7 +274,7 @@ class RNN(_FusedRNNBase):
         )
 
     def forward(
-        self, input: Tensor, hx: Tensor | None = None, *, lengths: Tensor | None = None
+        self, input: Tensor, hx: Tensor | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         return self._fused_forward(input, hx, lengths)
 
@@ -241,6 +290,8 @@ class GRU(_FusedRNNBase):
     ``checkpoint_every`` for bounded memory on long sequences (see
     :func:`rnnext.functional.recurrent_layer`).
     """
+
+    _torch_class = nn.GRU
 
     def __init__(
         self,
@@ -271,7 +322,7 @@ class GRU(_FusedRNNBase):
         )
 
     def forward(
-        self, input: Tensor, hx: Tensor | None = None, *, lengths: Tensor | None = None
+        self, input: Tensor, hx: Tensor | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         return self._fused_forward(input, hx, lengths)
 
@@ -288,6 +339,8 @@ class LSTM(_FusedRNNBase):
     ``checkpoint_every`` for bounded memory on long sequences (see
     :func:`rnnext.functional.recurrent_layer`).
     """
+
+    _torch_class = nn.LSTM
 
     def __init__(
         self,
@@ -328,13 +381,12 @@ class LSTM(_FusedRNNBase):
         self,
         input: Tensor,
         hx: tuple[Tensor, Tensor] | None = None,
-        *,
         lengths: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         return self._fused_forward(input, hx, lengths)
 
 
-_TO_RNNEXT: dict[type, type] = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
+_TO_RNNEXT: dict[type, type] = {cls._torch_class: cls for cls in (RNN, GRU, LSTM)}
 _TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _TO_RNNEXT.items()}
 
 

@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-bash scripts/setup.sh pytest hypothesis "ruff==0.17.6" "clang-format==23.1.5"
+# onnx, onnxscript and onnxruntime: the ONNX export tests run the exported models
+bash scripts/setup.sh pytest hypothesis "ruff==0.17.6" "clang-format==23.1.5" onnx onnxscript onnxruntime
 
 "$PYTHON" -m ruff check .
 "$PYTHON" -m ruff format --check .
