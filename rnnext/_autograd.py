@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (registers the ops and their fake kernels)
+from ._vmap import FORWARD_OUT_AXES, layer_vmap_rule
 
 # Both Functions take five non-tensor arguments first, then input, hx, cx and the weights.
 _FIRST_TENSOR = 5
@@ -130,7 +131,8 @@ class LayerFunction(_PositionalFunction):
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         lengths, input, hx, cx, out, workspace, *weights = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
+        grads = (grad_output, grad_h_n, grad_c_n)
+        if torch.is_grad_enabled():  # create_graph=True (and inside torch.func.grad, vjp)
             return _input_gradients(
                 ctx,
                 *_reference_gradients(
@@ -141,7 +143,7 @@ class LayerFunction(_PositionalFunction):
                     ctx.bf16_products,
                     lengths,
                     (input, hx, cx, *weights),
-                    (grad_output, grad_h_n, grad_c_n),
+                    grads,
                 ),
             )
         need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
@@ -163,6 +165,12 @@ class LayerFunction(_PositionalFunction):
             ctx.bf16_products,
         )
         return _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights)
+
+
+# Under torch.func.vmap (the arguments: five non-tensor ones, then input, hx, cx, weights)
+LayerFunction.vmap = layer_vmap_rule(
+    LayerFunction.apply, lengths_at=4, row_axes={5: 1, 6: 1, 7: 1}, out_axes=FORWARD_OUT_AXES
+)
 
 
 def _segments(steps: int, every: int, lengths):
@@ -225,8 +233,8 @@ class CheckpointedLayerFunction(_PositionalFunction):
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
         lengths, input, hx, cx, *rest = ctx.saved_tensors
         weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
+        grads = (grad_output, grad_h_n, grad_c_n)
         if torch.is_grad_enabled():  # create_graph=True: no checkpointing on this path
-            grads = (grad_output, grad_h_n, grad_c_n)
             tensors = (input, hx, cx, *weights)
             return _input_gradients(
                 ctx,
@@ -287,3 +295,9 @@ class CheckpointedLayerFunction(_PositionalFunction):
             g.to(w.dtype) if g is not None else None for g, w in zip(grad_weights, weights)
         ]
         return _input_gradients(ctx, grad_input, dh, dc, grad_weights)
+
+
+# (output [T, B, *], then h_n, c_n and the segments' initial states, all [1, B, *])
+CheckpointedLayerFunction.vmap = layer_vmap_rule(
+    CheckpointedLayerFunction.apply, lengths_at=3, row_axes={5: 1, 6: 1, 7: 1}, out_axes=(1,)
+)

@@ -1,0 +1,139 @@
+"""torch.func.vmap over rnnext's modules (torch.nn's RNNs have no vmap rule): the results of a
+vmapped call equal those of a loop over the samples, for outputs, states and gradients;
+samples that share the weights run as one call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, make_module
+
+from rnnext import _autograd
+
+N = 3  # samples mapped over
+
+
+def flat(result):
+    """(output, h_n[, c_n]) of a module call as one tuple."""
+    output, hidden = result
+    return (output, *(hidden if isinstance(hidden, tuple) else (hidden,)))
+
+
+def assert_all_close(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def per_sample(fn, *samples):
+    """fn over each sample, stacked: what vmap must give."""
+    results = [fn(*args) for args in zip(*samples)]
+    return tuple(torch.stack(values) for values in zip(*results))
+
+
+CONFIGS = {
+    "one_layer": ({}, False),
+    "two_layers_bidirectional_batch_first": (
+        dict(num_layers=2, bidirectional=True, batch_first=True),
+        False,
+    ),
+    "lengths": (dict(bidirectional=True), True),
+    "checkpointed_lengths": (dict(checkpoint_every=2), True),
+    "projection": (dict(proj_size=2), False),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_equals_a_loop_over_samples(mode, config, device):
+    kwargs, with_lengths = CONFIGS[config]
+    if "proj_size" in kwargs and mode != "LSTM":
+        pytest.skip("proj_size is an LSTM's")
+    torch.manual_seed(0)
+    module = make_module(mode, 3, 4, nn=False, **kwargs).to(device, torch.float64)
+    xs = torch.randn(N, 5, 3, 3, dtype=torch.float64, device=device)  # N samples of [T, B, I]
+    lengths = torch.tensor([5, 2, 4]) if with_lengths else None
+
+    def call(x):
+        return flat(module(x, lengths=lengths))
+
+    with torch.no_grad():  # the op's own vmap rule
+        assert_all_close(torch.func.vmap(call)(xs), per_sample(call, xs))
+    # with gradients on (the autograd Function's rule), and gradients of a loss over all
+    # samples' results, which sums the weight gradients over the samples
+    xs.requires_grad_()
+    params = [xs, *module.parameters()]
+    got = torch.func.vmap(call)(xs)
+    expected = per_sample(call, xs)
+    assert_all_close(got, expected)
+    weights = [torch.randn_like(t) for t in got]
+    loss = sum((t * w).sum() for t, w in zip(got, weights))
+    expected_loss = sum((t * w).sum() for t, w in zip(expected, weights))
+    assert_all_close(torch.autograd.grad(loss, params), torch.autograd.grad(expected_loss, params))
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_vmap_over_initial_states(mode, device):
+    """Each sample with its own initial state, the input shared."""
+    torch.manual_seed(0)
+    module = make_module(mode, 3, 4, nn=False).to(device, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    h0s = torch.randn(N, 1, 2, 4, dtype=torch.float64, device=device)
+
+    def call(h0):
+        hx = (h0, torch.zeros_like(h0)) if mode == "LSTM" else h0
+        return flat(module(x, hx))
+
+    assert_all_close(torch.func.vmap(call)(h0s), per_sample(call, h0s))
+
+
+def test_samples_with_shared_weights_run_as_one_call(monkeypatch):
+    """vmap over samples that share the weights calls each layer once, on all their rows."""
+    calls = []
+    forward = _autograd.LayerFunction.forward
+
+    def counting(*args):
+        calls.append(args[5].shape)  # the input
+        return forward(*args)
+
+    monkeypatch.setattr(_autograd.LayerFunction, "forward", staticmethod(counting))
+    module = make_module("GRU", 3, 4, nn=False, num_layers=2)
+    xs = torch.randn(N, 5, 2, 3, requires_grad=True)
+    torch.func.vmap(lambda x: module(x)[0])(xs)
+    assert calls == [(5, 2 * N, 3), (5, 2 * N, 4)]
+
+
+def test_vmap_over_an_ensemble_of_weights(device):
+    """Models stacked with torch.func.stack_module_state, each run on its own input."""
+    torch.manual_seed(0)
+    models = [make_module("LSTM", 3, 4, nn=False).to(device) for _ in range(N)]
+    params, buffers = torch.func.stack_module_state(models)
+    xs = torch.randn(N, 5, 2, 3, device=device)
+
+    def call(p, b, x):
+        return flat(torch.func.functional_call(models[0], (p, b), (x,)))
+
+    expected = tuple(
+        torch.stack(values) for values in zip(*(flat(m(x)) for m, x in zip(models, xs)))
+    )
+    assert_all_close(torch.func.vmap(call)(params, buffers, xs), expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_sample_gradients(mode, device):
+    """vmap(grad(loss)): each sample's own weight gradients, as a loop of grad gives them."""
+    torch.manual_seed(0)
+    module = make_module(mode, 3, 4, nn=False).to(device, torch.float64)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    xs = torch.randn(N, 5, 3, dtype=torch.float64, device=device)  # unbatched samples [T, I]
+    targets = torch.randn(N, 4, dtype=torch.float64, device=device)
+
+    def loss(p, x, target):
+        output, _ = torch.func.functional_call(module, p, (x,))
+        return ((output[-1] - target) ** 2).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs, targets)
+    for k, (x, target) in enumerate(zip(xs, targets)):
+        expected = torch.func.grad(loss)(params, x, target)
+        for name in params:
+            torch.testing.assert_close(got[name][k], expected[name])
