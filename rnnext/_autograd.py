@@ -57,6 +57,14 @@ def _reference_gradients(
     pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
     needs = ctx.needs_input_grad[_FIRST_TENSOR:]
     wanted = [t for t, need in zip(tensors, needs) if need]
+    if pairs and wanted and not any(t.requires_grad for t, _ in pairs):
+        # seen for a torch.func.vjp function called under vmap: its saved tensors arrive
+        # below vjp's own level, where the recomputation records nothing
+        raise RuntimeError(
+            "rnnext: this layer's backward cannot run here: a torch.func.vjp function "
+            "called inside torch.func.vmap is not supported; use vmap(grad(...)) for "
+            "per-sample gradients, or vjp outside vmap"
+        )
     found = iter(
         torch.autograd.grad(
             [t for t, _ in pairs],

@@ -137,3 +137,14 @@ def test_per_sample_gradients(mode, device):
         expected = torch.func.grad(loss)(params, x, target)
         for name in params:
             torch.testing.assert_close(got[name][k], expected[name])
+
+
+def test_vjp_function_under_vmap_says_what_works():
+    module = make_module("GRU", 3, 4, nn=False)
+
+    def input_gradient(x):
+        output, vjp = torch.func.vjp(lambda x: module(x)[0], x)
+        return vjp(torch.ones_like(output))[0]
+
+    with pytest.raises(RuntimeError, match=r"vjp function called inside torch.func.vmap"):
+        torch.func.vmap(input_gradient)(torch.randn(N, 5, 2, 3))
