@@ -1,15 +1,13 @@
-"""torch.func.vmap for rnnext's layers: rules for both autograd Functions and the forward op.
+"""torch.func.vmap for rnnext's layers: rules for both autograd Functions and both ops.
 
 A vmapped call maps a layer over n samples. Where the samples share the weights and the
 lengths, they run as one call over all their rows: the batch axis of every per-row tensor
 grows from B to B*n, row b*n + k being sample k's row b (lengths sorted longest first stay
 sorted when each is repeated n times). Autograd then records one call, whose backward sums
 the weight gradients over the samples, which is what a loss over the vmapped results asks
-for. Where each sample has weights or lengths of its own (a vmapped ensemble, say), the
-samples run one call each.
-
-Backward under vmap runs rnnext.reference's recomputation (as torch.func.grad and vjp ask
-for a differentiable backward), in plain PyTorch ops that vmap maps itself.
+for. Where each sample has weights or lengths of its own (a vmapped ensemble, say), or
+where vmap asks for each sample's own weight gradients (the backward op under vmap, as in
+vmap(grad(loss)): per-sample gradients), the samples run one call each.
 """
 
 from __future__ import annotations
@@ -50,8 +48,11 @@ def _fold(t, dim, n: int, axis: int):
 
 def _unfold(t, n: int, axis):
     """The inverse of _fold: (the tensor with its samples on their own dimension, that
-    dimension). An empty 1-D tensor (a mode's missing c_n or workspace) is no sample's:
-    (t, None)."""
+    dimension). An empty 1-D tensor (a mode's missing c_n or workspace, an unwanted gradient)
+    and an empty list (unwanted weight gradients) are no sample's: (t, None) and (t, [])."""
+    if isinstance(t, list):
+        assert not t, "a folded call computes no per-sample weight gradients"
+        return t, []
     if t.dim() == 1 and t.numel() == 0:
         return t, None
     return t.unflatten(axis, (t.shape[axis] // n, n)), axis + 1
@@ -59,8 +60,15 @@ def _unfold(t, n: int, axis):
 
 def _stack(results: Sequence):
     """The results of one call per sample, stacked: (outputs, their vmapped dimensions)."""
-    outputs = tuple(torch.stack(values) for values in zip(*results))
-    return outputs, (0,) * len(outputs)
+    outputs, dims = [], []
+    for values in zip(*results):
+        if isinstance(values[0], list):  # the weight gradients
+            outputs.append([torch.stack(v) for v in zip(*values)])
+            dims.append([0] * len(values[0]))
+        else:
+            outputs.append(torch.stack(values))
+            dims.append(0)
+    return tuple(outputs), tuple(dims)
 
 
 def layer_vmap_rule(
@@ -69,18 +77,20 @@ def layer_vmap_rule(
     lengths_at: int,
     row_axes: dict[int, int],
     out_axes: Sequence[int],
+    per_sample: Callable[[tuple], bool] = lambda args: False,
 ):
     """A vmap rule ``(info, in_dims, *args) -> (outputs, out_dims)`` for ``call(*args)``, a
     layer op or Function.apply. ``row_axes`` maps the positions of the per-row tensor
     arguments to their batch axes; ``out_axes`` gives the outputs' batch axes (the last one
-    repeating)."""
+    repeating); ``per_sample(args)`` says whether the call must run sample by sample even
+    with shared weights and lengths."""
 
     def rule(info, in_dims, *args):
         n = info.batch_size
         shared = not any(
             _batched(d) for i, d in enumerate(in_dims) if i not in row_axes and i != lengths_at
         )
-        if not shared or in_dims[lengths_at] is not None:
+        if not shared or in_dims[lengths_at] is not None or per_sample(args):
             return _stack(
                 [call(*(_sample(a, d, k) for a, d in zip(args, in_dims))) for k in range(n)]
             )
@@ -107,5 +117,18 @@ if hasattr(torch.library, "register_vmap"):  # torch >= 2.4
             lengths_at=7,
             row_axes={1: 1, 3: 1, 4: 1},
             out_axes=FORWARD_OUT_AXES,
+        ).__func__,
+    )
+    # layer_backward(mode, input, weights, hx, cx, output, workspace, grad_output, grad_h_n,
+    # grad_c_n, has_biases, bidirectional, lengths, output_mask, bf16_products) under vmap
+    # owes each sample its own weight gradients: one call per sample where they are wanted
+    torch.library.register_vmap(
+        "rnnext::layer_backward",
+        layer_vmap_rule(
+            torch.ops.rnnext.layer_backward,
+            lengths_at=12,
+            row_axes={1: 1, 3: 1, 4: 1, 5: 1, 6: 2, 7: 1, 8: 1, 9: 1},
+            out_axes=(1, 1, 1, 0),
+            per_sample=lambda args: bool(args[13][2]),
         ).__func__,
     )

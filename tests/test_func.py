@@ -1,6 +1,7 @@
-"""torch.func.vmap over rnnext's modules (torch.nn's RNNs have no vmap rule): the results of a
-vmapped call equal those of a loop over the samples, for outputs, states and gradients;
-samples that share the weights run as one call."""
+"""torch.func over rnnext's modules. vmap (torch.nn's RNNs have no vmap rule): the results of
+a vmapped call equal those of a loop over the samples, for outputs, states and gradients;
+samples that share the weights run as one call. grad: the fused backward where nothing
+differentiates its results again, the differentiable one where something does."""
 
 from __future__ import annotations
 
@@ -148,3 +149,49 @@ def test_vjp_function_under_vmap_says_what_works():
 
     with pytest.raises(RuntimeError, match=r"vjp function called inside torch.func.vmap"):
         torch.func.vmap(input_gradient)(torch.randn(N, 5, 2, 3))
+
+
+def grad_of_loss(module, params, x):
+    def loss(p):
+        return torch.func.functional_call(module, p, (x,))[0].pow(2).sum()
+
+    return torch.func.grad(loss)(params)
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 2], ids=["plain", "checkpointed"])
+def test_func_grad_runs_the_fused_backward(checkpoint_every, monkeypatch, device):
+    """torch.func.grad differentiates with create_graph=True; with nothing to differentiate
+    its result again, the fused backward runs (not the reference's recomputation) and gives
+    autograd's gradients."""
+    torch.manual_seed(0)
+    module = make_module("LSTM", 3, 4, nn=False, checkpoint_every=checkpoint_every)
+    module = module.to(device, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    loss = module(x)[0].pow(2).sum()
+    expected = torch.autograd.grad(loss, list(module.parameters()))
+
+    def no_reference(*args):
+        raise AssertionError("the reference's recomputation ran")
+
+    monkeypatch.setattr(_autograd, "_reference_gradients", no_reference)
+    got = grad_of_loss(module, {k: v.detach() for k, v in module.named_parameters()}, x)
+    assert_all_close(tuple(got.values()), expected)
+
+
+def test_func_grad_stays_differentiable_where_differentiated_again(device):
+    """A second grad transform, or autograd outside torch.func over parameters that require
+    grad (the second-order step of MAML, say), differentiates grad's result again: both
+    give the same second derivatives."""
+    torch.manual_seed(0)
+    module = make_module("GRU", 3, 4, nn=False).to(device, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    params = dict(module.named_parameters())
+
+    def total(grads):
+        return sum((g * g).sum() for g in grads.values())
+
+    outer = torch.autograd.grad(total(grad_of_loss(module, params, x)), list(params.values()))
+    detached = {k: v.detach() for k, v in params.items()}
+    nested = torch.func.grad(lambda p: total(grad_of_loss(module, p, x)))(detached)
+    assert any(g.abs().max() > 0 for g in outer)
+    assert_all_close(tuple(nested.values()), outer)
