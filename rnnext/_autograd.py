@@ -57,14 +57,6 @@ def _reference_gradients(
     pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
     needs = ctx.needs_input_grad[_FIRST_TENSOR:]
     wanted = [t for t, need in zip(tensors, needs) if need]
-    if pairs and wanted and not any(t.requires_grad for t, _ in pairs):
-        # seen for a torch.func.vjp function called under vmap: its saved tensors arrive
-        # below vjp's own level, where the recomputation records nothing
-        raise RuntimeError(
-            "rnnext: this layer's backward cannot run here: a torch.func.vjp function "
-            "called inside torch.func.vmap is not supported; use vmap(grad(...)) for "
-            "per-sample gradients, or vjp outside vmap"
-        )
     found = iter(
         torch.autograd.grad(
             [t for t, _ in pairs],
@@ -100,8 +92,9 @@ def _differentiable_backward(saved) -> bool:
     create_graph=True, which torch.func.grad and vjp always ask for: there the results are
     differentiated again only under a second grad transform, or by autograd outside every
     transform where a saved tensor requires grad there. A plain torch.func.grad (or
-    vmap(grad), per-sample gradients) of tensors that need no gradient outside it runs the
-    fused backward: for an LSTM (100, 8, 64) 3.0-3.3 ms against 52-53 ms (best of 7)."""
+    vmap(grad), per-sample gradients) of tensors that need no gradient outside it, and a vjp
+    function called under vmap (jacrev), run the fused backward: for an LSTM (100, 8, 64)
+    torch.func.grad took 3.0-3.3 ms against 52-53 ms (best of 7)."""
     if not torch.is_grad_enabled():
         return False
     if retrieve_all_functorch_interpreters is None or not (
@@ -113,6 +106,10 @@ def _differentiable_backward(saved) -> bool:
         for level in retrieve_all_functorch_interpreters()
         if level.key() in (TransformType.Grad, TransformType.Jvp)
     ]
+    if not differentiating:
+        # a vjp function called under vmap (torch.func.jacrev does so): vjp's own level is
+        # gone, and the recomputation, whose saved tensors lie below it, gave wrong values
+        return False
     return len(differentiating) > 1 or any(
         t is not None and _outermost(t).requires_grad for t in saved
     )
@@ -176,9 +173,10 @@ class LayerFunction(_PositionalFunction):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        lengths, input, hx, cx, out, workspace, *weights = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: torch.utils.checkpoint lets each unpack only once
+        lengths, input, hx, cx, out, workspace, *weights = saved
         grads = (grad_output, grad_h_n, grad_c_n)
-        if _differentiable_backward(ctx.saved_tensors):
+        if _differentiable_backward(saved):
             return _input_gradients(
                 ctx,
                 *_reference_gradients(
@@ -337,10 +335,11 @@ class CheckpointedLayerFunction(_PositionalFunction):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
-        lengths, input, hx, cx, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        lengths, input, hx, cx, *rest = saved
         weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
         grads = (grad_output, grad_h_n, grad_c_n)
-        if _differentiable_backward(ctx.saved_tensors):  # no checkpointing on this path
+        if _differentiable_backward(saved):  # no checkpointing on this path
             tensors = (input, hx, cx, *weights)
             return _input_gradients(
                 ctx,

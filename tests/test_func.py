@@ -140,15 +140,32 @@ def test_per_sample_gradients(mode, device):
             torch.testing.assert_close(got[name][k], expected[name])
 
 
-def test_vjp_function_under_vmap_says_what_works():
-    module = make_module("GRU", 3, 4, nn=False)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_jacrev_equals_autograd_jacobian(frozen, device):
+    """torch.func.jacrev maps a vjp function over the output's basis with vmap: the fused
+    backward runs under vmap there, whether the parameters require grad or not."""
+    torch.manual_seed(0)
+    module = make_module("GRU", 3, 4, nn=False).to(device, torch.float64)
+    module.requires_grad_(not frozen)
+    x = torch.randn(4, 1, 3, dtype=torch.float64, device=device)
 
-    def input_gradient(x):
-        output, vjp = torch.func.vjp(lambda x: module(x)[0], x)
-        return vjp(torch.ones_like(output))[0]
+    def output(x):
+        return module(x)[0]
 
-    with pytest.raises(RuntimeError, match=r"vjp function called inside torch.func.vmap"):
-        torch.func.vmap(input_gradient)(torch.randn(N, 5, 2, 3))
+    expected = torch.autograd.functional.jacobian(output, x)
+    torch.testing.assert_close(torch.func.jacrev(output)(x), expected)
+
+
+def test_activation_checkpointing(device):
+    """torch.utils.checkpoint (non-reentrant) around a module: its backward unpacks each saved
+    tensor once, as the checkpoint requires, and gives the plain call's gradients."""
+    torch.manual_seed(0)
+    module = make_module("LSTM", 3, 4, nn=False, num_layers=2).to(device, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    params = [x, *module.parameters()]
+    expected = torch.autograd.grad(module(x)[0].pow(2).sum(), params)
+    output = torch.utils.checkpoint.checkpoint(lambda x: module(x)[0], x, use_reentrant=False)
+    assert_all_close(torch.autograd.grad(output.pow(2).sum(), params), expected)
 
 
 def grad_of_loss(module, params, x):
