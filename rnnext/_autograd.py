@@ -73,7 +73,12 @@ def _reference_gradients(
 
 
 try:  # torch.func's transform stack (torch >= 2.1)
-    from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor
+    from torch._C._functorch import (
+        TransformType,
+        get_unwrapped,
+        is_functorch_wrapped_tensor,
+        maybe_get_level,
+    )
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # then every backward with grad mode on takes the differentiable path
     retrieve_all_functorch_interpreters = None
@@ -89,28 +94,38 @@ def _outermost(t):
 def _differentiable_backward(saved) -> bool:
     """Whether backward must give results that can be differentiated again (rnnext.reference's
     recomputation) rather than run the fused op. Grad mode on in backward means
-    create_graph=True, which torch.func.grad and vjp always ask for: there the results are
-    differentiated again only under a second grad transform, or by autograd outside every
-    transform where a saved tensor requires grad there. A plain torch.func.grad (or
-    vmap(grad), per-sample gradients) of tensors that need no gradient outside it, and a vjp
-    function called under vmap (jacrev), run the fused backward: for an LSTM (100, 8, 64)
-    torch.func.grad took 3.0-3.3 ms against 52-53 ms (best of 7)."""
+    create_graph=True, which torch.func.grad and vjp always ask for. Under torch.func the
+    results are differentiated again only by a grad or jvp transform outside the one this
+    backward serves (the level of the saved tensors' wrappers), or by autograd outside every
+    transform where a saved tensor requires grad there. So a plain torch.func.grad, or
+    vmap(grad) (per-sample gradients), of tensors that need no gradient outside it runs the
+    fused backward: for an LSTM (100, 8, 64) torch.func.grad took 3.0-3.3 ms against 52-53 ms
+    (best of 7). A vjp function called under vmap (torch.func.jacrev) finds the saved
+    tensors' level ended: the recomputation gives wrong values there, the fused op right
+    ones, but nothing can differentiate them again (torch.func.hessian, jacrev of jacrev)."""
     if not torch.is_grad_enabled():
         return False
     if retrieve_all_functorch_interpreters is None or not (
         torch._C._are_functorch_transforms_active()
     ):
         return True
+    transforms = {i.level(): i.key() for i in retrieve_all_functorch_interpreters()}
     differentiating = [
-        level
-        for level in retrieve_all_functorch_interpreters()
-        if level.key() in (TransformType.Grad, TransformType.Jvp)
+        level for level, key in transforms.items() if key in (TransformType.Grad, TransformType.Jvp)
     ]
-    if not differentiating:
-        # a vjp function called under vmap (torch.func.jacrev does so): vjp's own level is
-        # gone, and the recomputation, whose saved tensors lie below it, gave wrong values
+    level = max((maybe_get_level(t) for t in saved if t is not None), default=-1)
+    if level == -1:  # no torch.func wrappers: plain create_graph=True
+        return True
+    if level not in transforms:
+        if differentiating:
+            raise NotImplementedError(
+                "rnnext: a layer's backward inside a torch.func.vjp function called under "
+                "vmap (as in torch.func.jacrev) cannot be differentiated again "
+                "(torch.func.hessian, jacrev of jacrev); for a Hessian use "
+                "torch.func.jacrev(torch.func.grad(f)) or torch.autograd.functional.hessian"
+            )
         return False
-    return len(differentiating) > 1 or any(
+    return any(d < level for d in differentiating) or any(
         t is not None and _outermost(t).requires_grad for t in saved
     )
 

@@ -212,3 +212,20 @@ def test_func_grad_stays_differentiable_where_differentiated_again(device):
     nested = torch.func.grad(lambda p: total(grad_of_loss(module, p, x)))(detached)
     assert any(g.abs().max() > 0 for g in outer)
     assert_all_close(tuple(nested.values()), outer)
+
+
+def test_hessians(device):
+    """Second derivatives through torch.func: jacrev of grad gives autograd's Hessian; jacrev
+    of jacrev (torch.func.hessian's inner part) raises an error that says what to use."""
+    torch.manual_seed(0)
+    module = make_module("LSTM", 2, 3, nn=False).to(device, torch.float64)
+    x = torch.randn(4, 1, 2, dtype=torch.float64, device=device)
+
+    def loss(x):
+        return module(x)[0].pow(2).sum()
+
+    expected = torch.autograd.functional.hessian(loss, x)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(torch.func.jacrev(torch.func.grad(loss))(x), expected)
+    with pytest.raises(NotImplementedError, match=r"jacrev\(torch.func.grad\(f\)\)"):
+        torch.func.jacrev(torch.func.jacrev(loss))(x)
