@@ -102,7 +102,7 @@ def _differentiable_backward(saved) -> bool:
     fused backward: for an LSTM (100, 8, 64) torch.func.grad took 3.0-3.3 ms against 52-53 ms
     (best of 7). A vjp function called under vmap (torch.func.jacrev) finds the saved
     tensors' level ended: the recomputation gives wrong values there, the fused op right
-    ones, but nothing can differentiate them again (torch.func.hessian, jacrev of jacrev)."""
+    ones, but nothing can differentiate them again (jacrev of jacrev)."""
     if not torch.is_grad_enabled():
         return False
     if retrieve_all_functorch_interpreters is None or not (
@@ -121,7 +121,7 @@ def _differentiable_backward(saved) -> bool:
             raise NotImplementedError(
                 "rnnext: a layer's backward inside a torch.func.vjp function called under "
                 "vmap (as in torch.func.jacrev) cannot be differentiated again "
-                "(torch.func.hessian, jacrev of jacrev); for a Hessian use "
+                "(jacrev of jacrev); for a Hessian use torch.func.hessian, "
                 "torch.func.jacrev(torch.func.grad(f)) or torch.autograd.functional.hessian"
             )
         return False

@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _C
 from ._autograd import CheckpointedLayerFunction, LayerFunction
+
+try:  # torch.func's transform stack (torch >= 2.1)
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
+except ImportError:
+    _interpreters = None
 
 Tensor = torch.Tensor
 
@@ -120,7 +127,23 @@ def recurrent_layer(
         lengths = lengths.index_select(0, order)
         input, hx, cx = select_batch([input, hx, cx], order.to(input.device))
     tensors = (input, hx, cx, *weights)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _forward_mode(tensors):
+        # Forward-mode AD differentiates the reference's plain ops itself; an autograd
+        # Function with a jvp of its own would break torch.compile's graph.
+        from . import reference
+
+        output, h_n, c_n = reference.recurrent_layer(
+            mode,
+            input,
+            [w.to(input.dtype) for w in weights],
+            hx,
+            cx,
+            has_biases=has_biases,
+            bidirectional=bidirectional,
+            lengths=lengths,
+            bf16_products=bf16_products,
+        )
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         if torch.jit.is_tracing():
             # the traced graph would hold a Python autograd call that cannot be saved, and
             # the tracer's own check reruns the layer without gradients, down the op path
@@ -296,6 +319,19 @@ def _autocast(tensors: list[Tensor | None]) -> tuple:
         ]
     input, hx, cx, *weights = tensors
     return input, hx, cx, weights
+
+
+def _forward_mode(tensors) -> bool:
+    """Whether forward-mode AD differentiates this call: inside torch.func.jvp (jacfwd,
+    hessian), or with a dual tensor of torch.autograd.forward_ad among the tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() and _interpreters is not None:
+        if any(i.key() == _TransformType.Jvp for i in _interpreters()):
+            return True
+    if getattr(_forward_ad, "_current_level", -1) < 0:  # no dual level open
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_device(input: Tensor) -> None:

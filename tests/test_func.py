@@ -214,9 +214,11 @@ def test_func_grad_stays_differentiable_where_differentiated_again(device):
     assert_all_close(tuple(nested.values()), outer)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func's jit.script
 def test_hessians(device):
-    """Second derivatives through torch.func: jacrev of grad gives autograd's Hessian; jacrev
-    of jacrev (torch.func.hessian's inner part) raises an error that says what to use."""
+    """Second derivatives through torch.func: torch.func.hessian (forward mode over reverse,
+    the reference's ops) and jacrev of grad give autograd's Hessian; jacrev of jacrev raises
+    an error that says what to use."""
     torch.manual_seed(0)
     module = make_module("LSTM", 2, 3, nn=False).to(device, torch.float64)
     x = torch.randn(4, 1, 2, dtype=torch.float64, device=device)
@@ -226,6 +228,40 @@ def test_hessians(device):
 
     expected = torch.autograd.functional.hessian(loss, x)
     assert expected.abs().max() > 0
+    torch.testing.assert_close(torch.func.hessian(loss)(x), expected)
     torch.testing.assert_close(torch.func.jacrev(torch.func.grad(loss))(x), expected)
-    with pytest.raises(NotImplementedError, match=r"jacrev\(torch.func.grad\(f\)\)"):
+    with pytest.raises(NotImplementedError, match=r"for a Hessian use torch.func.hessian"):
         torch.func.jacrev(torch.func.jacrev(loss))(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func's jit.script
+def test_forward_mode(device):
+    """Forward-mode AD, torch.func.jvp and torch.autograd.forward_ad, gives autograd's
+    Jacobian-vector product, also with respect to a weight."""
+    torch.manual_seed(0)
+    module = make_module("GRU", 3, 4, nn=False, bidirectional=True).to(device, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    v = torch.randn_like(x)
+    lengths = torch.tensor([5, 3])
+
+    def output(x):
+        return module(x, lengths=lengths)[0]
+
+    jacobian = torch.autograd.functional.jacobian(output, x)
+    expected = (jacobian.flatten(3) @ v.flatten()).reshape(jacobian.shape[:3])
+    torch.testing.assert_close(torch.func.jvp(output, (x,), (v,))[1], expected)
+    forward_ad = torch.autograd.forward_ad
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(output(forward_ad.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, expected)
+
+    weight = module.weight_hh_l0
+    direction = torch.randn_like(weight)
+
+    def by_weight(w):
+        return torch.func.functional_call(module, {"weight_hh_l0": w}, (x,))[0]
+
+    jacobian = torch.autograd.functional.jacobian(by_weight, weight.detach())
+    expected = (jacobian.flatten(3) @ direction.flatten()).reshape(jacobian.shape[:3])
+    got = torch.func.jvp(by_weight, (weight.detach(),), (direction,))[1]
+    torch.testing.assert_close(got, expected)
