@@ -77,7 +77,9 @@ class _FusedRNNBase(nn.RNNBase):
         """torch.nn's argument handling and checks around rnnext's layer op. (The modules'
         forward takes ``lengths`` positionally too, since torch.onnx's TorchScript-based
         exporter passes every argument of forward by position, defaults included.)"""
-        if torch.onnx.is_in_onnx_export():
+        # (an ONNX export traces, or compiles; the export check itself costs a microsecond)
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if tracing and torch.onnx.is_in_onnx_export():
             return self._onnx_forward(input, hx, lengths)
         name = f"rnnext.{type(self).__name__}"
         self._update_flat_weights()
