@@ -245,16 +245,61 @@ inline __attribute__((always_inline)) void narrow_rows(int64_t M, int64_t K, con
                                                        int64_t lda, const T* Rt, T beta, T* C,
                                                        int64_t ldc, int64_t n_begin, int64_t n_end,
                                                        const T* bias) {
-  for (int64_t m = 0; m < M; ++m) {
+  const auto store = [&](int64_t m, int64_t n, T sum) {
+    if (bias != nullptr) sum += bias[n];
+    T& c = C[m * ldc + n];
+    c = beta == T(0) ? sum : beta * c + sum;
+  };
+  int64_t m = 0;
+  // blocks of 4 rows x 4 columns: 16 independent sums, each a[k] and r[k] loaded once a block
+  for (; m + 4 <= M; m += 4) {
+    const T *a0 = A + m * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    int64_t n = n_begin;
+    for (; n + 4 <= n_end; n += 4) {
+      const T *r0 = Rt + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+      T s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, \
+                               s31, s32, s33)
+      for (int64_t k = 0; k < K; ++k) {
+        s00 += a0[k] * r0[k], s01 += a0[k] * r1[k], s02 += a0[k] * r2[k], s03 += a0[k] * r3[k];
+        s10 += a1[k] * r0[k], s11 += a1[k] * r1[k], s12 += a1[k] * r2[k], s13 += a1[k] * r3[k];
+        s20 += a2[k] * r0[k], s21 += a2[k] * r1[k], s22 += a2[k] * r2[k], s23 += a2[k] * r3[k];
+        s30 += a3[k] * r0[k], s31 += a3[k] * r1[k], s32 += a3[k] * r2[k], s33 += a3[k] * r3[k];
+      }
+      const T sums[4][4] = {
+          {s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+      for (int64_t i = 0; i < 4; ++i) {
+        for (int64_t j = 0; j < 4; ++j) store(m + i, n + j, sums[i][j]);
+      }
+    }
+    for (; n < n_end; ++n) {
+      const T* r = Rt + n * K;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k)
+        s0 += a0[k] * r[k], s1 += a1[k] * r[k], s2 += a2[k] * r[k], s3 += a3[k] * r[k];
+      store(m, n, s0), store(m + 1, n, s1), store(m + 2, n, s2), store(m + 3, n, s3);
+    }
+  }
+  // the remaining rows, four columns at once
+  for (; m < M; ++m) {
     const T* a = A + m * lda;
-    for (int64_t n = n_begin; n < n_end; ++n) {
+    int64_t n = n_begin;
+    for (; n + 4 <= n_end; n += 4) {
+      const T *r0 = Rt + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k)
+        s0 += a[k] * r0[k], s1 += a[k] * r1[k], s2 += a[k] * r2[k], s3 += a[k] * r3[k];
+      store(m, n, s0), store(m, n + 1, s1), store(m, n + 2, s2), store(m, n + 3, s3);
+    }
+    for (; n < n_end; ++n) {
       const T* r = Rt + n * K;
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t k = 0; k < K; ++k) sum += a[k] * r[k];
-      if (bias != nullptr) sum += bias[n];
-      T& c = C[m * ldc + n];
-      c = beta == T(0) ? sum : beta * c + sum;
+      store(m, n, sum);
     }
   }
 }
