@@ -425,13 +425,15 @@ def test_narrow_operands(mode, proj, I, bidirectional, with_lengths, dtype, devi
 @pytest.mark.parametrize("T, B", [(1, 1), (2, 5), (3, 16), (4, 4)], ids=lambda v: str(v))
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_short_sequences_split_columns(mode, proj, T, B, bidirectional, dtype):
+@pytest.mark.parametrize("H", [200, 37])
+def test_short_sequences_split_columns(mode, proj, T, B, bidirectional, dtype, H):
     """CPU: a call of fewer than 4 steps or 17 rows (T * B) leaves its weights unpacked, and a
     product of at most 16 rows then has its column tiles (32 floats, 16 doubles) shared among
-    the threads, each share a BLAS call (sizes that make several tiles per thread, with a
-    partial last tile)."""
+    the threads, each share a BLAS call in backward and dot products (4 rows by 4 columns at
+    a time) in forward (sizes that make several tiles per thread, with a partial last tile;
+    H = 37 leaves columns and rows outside the blocks of 4)."""
     torch.manual_seed(12)
-    I, H = 300, 200
+    I = 300
     x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
     D = 2 if bidirectional else 1
     weights = layer_weights(mode, I, H, directions=D, proj=proj, dtype=dtype)
