@@ -84,6 +84,16 @@ except ImportError:  # then every backward with grad mode on takes the different
     retrieve_all_functorch_interpreters = None
 
 
+def functorch_transforms() -> dict:
+    """The torch.func transforms active here, {level: TransformType}; empty outside them or
+    where this torch cannot tell."""
+    if retrieve_all_functorch_interpreters is None or not (
+        torch._C._are_functorch_transforms_active()
+    ):
+        return {}
+    return {i.level(): i.key() for i in retrieve_all_functorch_interpreters()}
+
+
 def _outermost(t):
     """The tensor below every torch.func wrapper of t."""
     while is_functorch_wrapped_tensor(t):
@@ -105,11 +115,9 @@ def _differentiable_backward(saved) -> bool:
     ones, but nothing can differentiate them again (jacrev of jacrev)."""
     if not torch.is_grad_enabled():
         return False
-    if retrieve_all_functorch_interpreters is None or not (
-        torch._C._are_functorch_transforms_active()
-    ):
+    transforms = functorch_transforms()
+    if not transforms:
         return True
-    transforms = {i.level(): i.key() for i in retrieve_all_functorch_interpreters()}
     differentiating = [
         level for level, key in transforms.items() if key in (TransformType.Grad, TransformType.Jvp)
     ]

@@ -8,13 +8,7 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _C
-from ._autograd import CheckpointedLayerFunction, LayerFunction
-
-try:  # torch.func's transform stack (torch >= 2.1)
-    from torch._C._functorch import TransformType as _TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
-except ImportError:
-    _interpreters = None
+from ._autograd import CheckpointedLayerFunction, LayerFunction, functorch_transforms
 
 Tensor = torch.Tensor
 
@@ -326,9 +320,8 @@ def _forward_mode(tensors) -> bool:
     hessian), or with a dual tensor of torch.autograd.forward_ad among the tensors."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._are_functorch_transforms_active() and _interpreters is not None:
-        if any(i.key() == _TransformType.Jvp for i in _interpreters()):
-            return True
+    if any(key.name == "Jvp" for key in functorch_transforms().values()):
+        return True
     if getattr(_forward_ad, "_current_level", -1) < 0:  # no dual level open
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
