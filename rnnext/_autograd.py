@@ -25,6 +25,27 @@ def _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights):
     )
 
 
+def reference_layer(
+    mode, has_biases, bidirectional, bf16_products, lengths, input, hx, cx, *weights
+):
+    """rnnext.reference's layer, in plain PyTorch ops that autograd and forward-mode AD
+    differentiate. (bfloat16 weights beside float32 input, as a bfloat16 module hands them to
+    the CPU op: the reference multiplies in the input's dtype; the cast is differentiable.)"""
+    from . import reference
+
+    return reference.recurrent_layer(
+        mode,
+        input,
+        [w.to(input.dtype) for w in weights],
+        hx,
+        cx,
+        has_biases=has_biases,
+        bidirectional=bidirectional,
+        lengths=lengths,
+        bf16_products=bf16_products,
+    )
+
+
 def _reference_gradients(
     ctx, mode, has_biases, bidirectional, bf16_products, lengths, tensors, grads
 ):
@@ -37,23 +58,7 @@ def _reference_gradients(
     gradients (output, h_n, c_n), None where there is none. Returns (grad_input, grad_hx,
     grad_cx, grad_weights) for _input_gradients.
     """
-    from . import reference
-
-    input, hx, cx, *weights = tensors
-    # (bfloat16 weights beside float32 input, as a bfloat16 module hands them to the CPU op:
-    # the reference multiplies in the input's dtype; the cast is differentiable)
-    weights = [w.to(input.dtype) for w in weights]
-    outputs = reference.recurrent_layer(
-        mode,
-        input,
-        weights,
-        hx,
-        cx,
-        has_biases=has_biases,
-        bidirectional=bidirectional,
-        lengths=lengths,
-        bf16_products=bf16_products,
-    )
+    outputs = reference_layer(mode, has_biases, bidirectional, bf16_products, lengths, *tensors)
     pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
     needs = ctx.needs_input_grad[_FIRST_TENSOR:]
     wanted = [t for t, need in zip(tensors, needs) if need]

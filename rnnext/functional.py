@@ -8,7 +8,12 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _C
-from ._autograd import CheckpointedLayerFunction, LayerFunction, functorch_transforms
+from ._autograd import (
+    CheckpointedLayerFunction,
+    LayerFunction,
+    functorch_transforms,
+    reference_layer,
+)
 
 Tensor = torch.Tensor
 
@@ -124,18 +129,8 @@ def recurrent_layer(
     if _forward_mode(tensors):
         # Forward-mode AD differentiates the reference's plain ops itself; an autograd
         # Function with a jvp of its own would break torch.compile's graph.
-        from . import reference
-
-        output, h_n, c_n = reference.recurrent_layer(
-            mode,
-            input,
-            [w.to(input.dtype) for w in weights],
-            hx,
-            cx,
-            has_biases=has_biases,
-            bidirectional=bidirectional,
-            lengths=lengths,
-            bf16_products=bf16_products,
+        output, h_n, c_n = reference_layer(
+            mode, has_biases, bidirectional, bf16_products, lengths, *tensors
         )
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         if torch.jit.is_tracing():
