@@ -46,19 +46,18 @@ def reference_layer(
     )
 
 
-def _reference_gradients(
-    ctx, mode, has_biases, bidirectional, bf16_products, lengths, tensors, grads
-):
+def _reference_backward(ctx, lengths, tensors, grads):
     """Backward with create_graph=True: the gradients of rnnext.reference's recomputation of
     the layer (plain PyTorch ops, step by step), which autograd can differentiate again. The
     fused backward op has no derivative of its own; this path is slower but twice
     differentiable, and equal to the fused gradients up to rounding.
 
     tensors: (input, hx, cx, *weights) as the Function received them; grads: the output
-    gradients (output, h_n, c_n), None where there is none. Returns (grad_input, grad_hx,
-    grad_cx, grad_weights) for _input_gradients.
+    gradients (output, h_n, c_n), None where there is none. Returns what backward returns.
     """
-    outputs = reference_layer(mode, has_biases, bidirectional, bf16_products, lengths, *tensors)
+    outputs = reference_layer(
+        ctx.mode, ctx.has_biases, ctx.bidirectional, ctx.bf16_products, lengths, *tensors
+    )
     pairs = [(t, g) for t, g in zip(outputs, grads) if g is not None and t.numel()]
     needs = ctx.needs_input_grad[_FIRST_TENSOR:]
     wanted = [t for t, need in zip(tensors, needs) if need]
@@ -74,7 +73,7 @@ def _reference_gradients(
         else [None] * len(wanted)
     )
     result = [next(found) if need else None for need in needs]
-    return result[0], result[1], result[2], result[3:]
+    return _input_gradients(ctx, result[0], result[1], result[2], result[3:])
 
 
 try:  # torch.func's transform stack (torch >= 2.1)
@@ -203,21 +202,9 @@ class LayerFunction(_PositionalFunction):
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         saved = ctx.saved_tensors  # once: torch.utils.checkpoint lets each unpack only once
         lengths, input, hx, cx, out, workspace, *weights = saved
-        grads = (grad_output, grad_h_n, grad_c_n)
         if _differentiable_backward(saved):
-            return _input_gradients(
-                ctx,
-                *_reference_gradients(
-                    ctx,
-                    ctx.mode,
-                    ctx.has_biases,
-                    ctx.bidirectional,
-                    ctx.bf16_products,
-                    lengths,
-                    (input, hx, cx, *weights),
-                    grads,
-                ),
-            )
+            grads = (grad_output, grad_h_n, grad_c_n)
+            return _reference_backward(ctx, lengths, (input, hx, cx, *weights), grads)
         need_input, need_hx, need_cx, *need_weights = ctx.needs_input_grad[_FIRST_TENSOR:]
         with torch.no_grad():  # (grad mode is on in a torch.func.grad's backward)
             grad_input, grad_hx, grad_cx, grad_weights = torch.ops.rnnext.layer_backward(
@@ -238,6 +225,20 @@ class LayerFunction(_PositionalFunction):
                 ctx.bf16_products,
             )
         return _input_gradients(ctx, grad_input, grad_hx, grad_cx, grad_weights)
+
+
+# Under torch.func.vmap (the arguments: five non-tensor ones, then input, hx, cx, weights)
+LayerFunction.vmap = layer_vmap_rule(
+    LayerFunction.apply, lengths_at=4, row_axes={5: 1, 6: 1, 7: 1}, out_axes=FORWARD_OUT_AXES
+)
+
+
+def _segments(steps: int, every: int, lengths):
+    """(start, stop, lengths within the segment) for consecutive segments of `every` steps."""
+    for start in range(0, steps, every):
+        stop = min(start + every, steps)
+        seg_lengths = None if lengths is None else (lengths - start).clamp(0, stop - start)
+        yield start, stop, seg_lengths
 
 
 @torch.no_grad()  # (grad mode is on in a torch.func.grad's backward)
@@ -299,20 +300,6 @@ def _recompute_backward(
     return _input_gradients(ctx, grad_input, dh, dc, grad_weights)
 
 
-# Under torch.func.vmap (the arguments: five non-tensor ones, then input, hx, cx, weights)
-LayerFunction.vmap = layer_vmap_rule(
-    LayerFunction.apply, lengths_at=4, row_axes={5: 1, 6: 1, 7: 1}, out_axes=FORWARD_OUT_AXES
-)
-
-
-def _segments(steps: int, every: int, lengths):
-    """(start, stop, lengths within the segment) for consecutive segments of `every` steps."""
-    for start in range(0, steps, every):
-        stop = min(start + every, steps)
-        seg_lengths = None if lengths is None else (lengths - start).clamp(0, stop - start)
-        yield start, stop, seg_lengths
-
-
 class CheckpointedLayerFunction(_PositionalFunction):
     """One unidirectional layer that keeps only the state every ``every`` steps.
 
@@ -356,7 +343,7 @@ class CheckpointedLayerFunction(_PositionalFunction):
     def setup_context(ctx, inputs, output):
         mode, has_biases, bf16_products, lengths, every, input, hx, cx, *weights = inputs
         ctx.mode, ctx.has_biases, ctx.every, ctx.n_weights = mode, has_biases, every, len(weights)
-        ctx.bf16_products = bf16_products
+        ctx.bidirectional, ctx.bf16_products = False, bf16_products
         ctx.save_for_backward(lengths, input, hx, cx, *weights, *output[3:])
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)
@@ -366,15 +353,9 @@ class CheckpointedLayerFunction(_PositionalFunction):
         saved = ctx.saved_tensors
         lengths, input, hx, cx, *rest = saved
         weights, states = rest[: ctx.n_weights], rest[ctx.n_weights :]
-        grads = (grad_output, grad_h_n, grad_c_n)
         if _differentiable_backward(saved):  # no checkpointing on this path
-            tensors = (input, hx, cx, *weights)
-            return _input_gradients(
-                ctx,
-                *_reference_gradients(
-                    ctx, ctx.mode, ctx.has_biases, False, ctx.bf16_products, lengths, tensors, grads
-                ),
-            )
+            grads = (grad_output, grad_h_n, grad_c_n)
+            return _reference_backward(ctx, lengths, (input, hx, cx, *weights), grads)
         return _recompute_backward(
             ctx, lengths, input, hx, cx, weights, states, grad_output, grad_h_n, grad_c_n
         )
