@@ -118,13 +118,14 @@ def recurrent_layer(
             raise ValueError(
                 f"rnnext: checkpoint_every must be a positive int or None, got {checkpoint_every!r}"
             )
-    order = None
+    order = inverse = None
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
         order = longest_first_order(lengths)
     if order is not None:
         lengths = lengths.index_select(0, order)
-        input, hx, cx = select_batch([input, hx, cx], order.to(input.device))
+        order, inverse = order.to(input.device), torch.argsort(order).to(input.device)
+        input, hx, cx = select_batch([input, hx, cx], order, inverse)
     tensors = (input, hx, cx, *weights)
     if _forward_mode(tensors):
         # Forward-mode AD differentiates the reference's plain ops itself; an autograd
@@ -172,7 +173,7 @@ def recurrent_layer(
             bf16_products,
         )
     if order is not None:
-        output, h_n, c_n = select_batch([output, h_n, c_n], torch.argsort(order).to(input.device))
+        output, h_n, c_n = select_batch([output, h_n, c_n], inverse, order)
     if half_on_cpu:
         output, h_n, c_n = output.to(half), h_n.to(half), c_n.to(half)
     return output, h_n, c_n
@@ -264,10 +265,48 @@ def longest_first_order(lengths: Tensor) -> Tensor | None:
     return torch.argsort(lengths, descending=True, stable=True)
 
 
-def select_batch(tensors: Sequence[Tensor | None], index: Tensor) -> list[Tensor | None]:
+def select_batch(
+    tensors: Sequence[Tensor | None], index: Tensor, inverse: Tensor
+) -> list[Tensor | None]:
     """Reorders dimension 1 (the batch of time-major inputs, outputs and states) of each
-    tensor by index; None and empty tensors (c_n of a GRU, say) stay as they are."""
-    return [t.index_select(1, index) if t is not None and t.numel() else t for t in tensors]
+    tensor by the permutation ``index``, whose inverse is ``inverse``; None and empty tensors
+    (c_n of a GRU, say) stay as they are."""
+    # forward-mode AD differentiates index_select itself (the Function has no jvp)
+    plain = _forward_mode(tensors)
+    return [
+        (t.index_select(1, index) if plain else _BatchPermutation.apply(t, index, inverse))
+        if t is not None and t.numel()
+        else t
+        for t in tensors
+    ]
+
+
+class _BatchPermutation(torch.autograd.Function):
+    """x.index_select(1, index) for a permutation ``index`` of the batch with inverse
+    ``inverse``: the gradient goes back through the inverse's index_select, where
+    index_select's own backward fills a new tensor of x's size with zeros and adds into it
+    (at [200, 32, 256] float32, 1.4-1.6 ms against 0.4 for the round trip alone; in a GRU
+    forward+backward with unsorted lengths, about 3000 page faults a call against none). A
+    gradient that is one value along the batch (expanded, as from output.sum()) is its own
+    permutation: it passes as it came, still expanded, which the kernels' backward reads in
+    place."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, index, inverse):
+        return x.index_select(1, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        if grad.stride(1) == 0:
+            return grad, None, None
+        return grad.index_select(1, inverse), None, None
 
 
 def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:

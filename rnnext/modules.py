@@ -122,11 +122,11 @@ class _FusedRNNBase(nn.RNNBase):
             order = longest_first_order(lengths)
             if order is not None:
                 lengths = lengths.index_select(0, order)
-                input, *states = select_batch([input, *states], order.to(input.device))
+                order, inverse = order.to(input.device), torch.argsort(order).to(input.device)
+                input, *states = select_batch([input, *states], order, inverse)
         output, h_n, c_n = self._layers(input, states, lengths)
         if order is not None:
-            inverse = torch.argsort(order).to(input.device)
-            output, h_n, c_n = select_batch([output, h_n, c_n], inverse)
+            output, h_n, c_n = select_batch([output, h_n, c_n], inverse, order)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
@@ -177,10 +177,10 @@ class _FusedRNNBase(nn.RNNBase):
             hidden = tuple(states) if self.mode == "LSTM" else states[0]
             self.check_forward_args(data, hidden, batch_sizes)
         if sorted_indices is not None:
-            states = select_batch(states, sorted_indices)
+            states = select_batch(states, sorted_indices, unsorted_indices)
         output, h_n, c_n = self._layers(padded.view(T, B, -1), states, lengths)
         if unsorted_indices is not None:
-            h_n, c_n = select_batch([h_n, c_n], unsorted_indices)
+            h_n, c_n = select_batch([h_n, c_n], unsorted_indices, sorted_indices)
         output = PackedSequence(
             output.view(T * B, -1).index_select(0, rows),
             batch_sizes,

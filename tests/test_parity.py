@@ -101,7 +101,9 @@ def test_lengths_keyword_matches_packed(mode, order, monkeypatch):
     monkeypatch.setattr(
         rnnext.modules,
         "select_batch",
-        lambda tensors, index: reorderings.append(index) or select_batch(tensors, index),
+        lambda tensors, index, inverse: (
+            reorderings.append(index) or select_batch(tensors, index, inverse)
+        ),
     )
     expected, expected_grads = run_module(theirs, x, None, packed_lengths=lengths)
     got = flat(ours(x, lengths=lengths))
@@ -113,6 +115,30 @@ def test_lengths_keyword_matches_packed(mode, order, monkeypatch):
     grads = torch.autograd.grad(weighted_loss(*got), (x, *params))
     for name, grad in zip(("input", *names), grads):
         torch.testing.assert_close(grad, expected_grads[name])
+
+
+@pytest.mark.parametrize("grad_kind", ["dense", "expanded"])
+def test_batch_reordering_gradient(grad_kind):
+    """The reordering of the batch around the kernels sends the gradient back through the
+    inverse permutation: index_select's own gradient, and a gradient that is one value along
+    the batch (from output.sum()) comes back still expanded, not copied out."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    (y,) = rnnext.functional.select_batch([x], order, torch.argsort(order))
+    torch.testing.assert_close(y, x.index_select(1, order), rtol=0, atol=0)
+    if grad_kind == "dense":
+        grad = torch.randn(4, 5, 3, dtype=torch.float64)
+    else:
+        grad = torch.randn(4, 1, 3, dtype=torch.float64).expand(4, 5, 3)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (expected,) = torch.autograd.grad(x.index_select(1, order), x, grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if grad_kind == "expanded":
+        assert got.stride(1) == 0
+    assert torch.autograd.gradcheck(
+        lambda t: rnnext.functional.select_batch([t], order, torch.argsort(order))[0], (x,)
+    )
 
 
 class RecurrentStack(torch.nn.Module):
