@@ -123,3 +123,35 @@ def test_torch_func_grad(mode, every):
     leaf = x.clone().requires_grad_()
     ours(leaf)[0].sum().backward()
     torch.testing.assert_close(through_func, leaf.grad)
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+@pytest.mark.parametrize("how", ["new_parameter", "parametrization", "plain_tensor"])
+@pytest.mark.parametrize("mode", MODES)
+def test_replaced_weights_are_used(mode, how):
+    """A weight replaced after the first call (a new Parameter, a parametrization, a plain
+    tensor as torch.func.functional_call leaves) is what the next call runs on, as in torch.nn,
+    whose check of the weights the modules shorten for the usual case of none replaced."""
+    torch.manual_seed(3)
+    theirs, ours = module_pair(mode, 3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    first = flat(ours(x))
+    torch.testing.assert_close(first, flat(theirs(x)))
+    replacement = torch.randn_like(theirs.weight_hh_l0)
+    for module in (theirs, ours):
+        if how == "new_parameter":
+            module.weight_hh_l0 = torch.nn.Parameter(replacement.clone())
+        elif how == "parametrization":
+            torch.nn.utils.parametrize.register_parametrization(module, "weight_hh_l0", _Scale())
+        else:
+            del module.weight_hh_l0
+            module.weight_hh_l0 = replacement.clone()
+    got, expected = flat(ours(x)), flat(theirs(x))
+    torch.testing.assert_close(got, expected)
+    if how != "parametrization":  # (a parametrized weight changes at each call)
+        assert ours._flat_weights[1] is ours.weight_hh_l0
+    assert not torch.allclose(got[0], first[0])  # the replacement changed the results
