@@ -93,9 +93,9 @@ def recurrent_layer(
     _check_device(input)
     # bfloat16 products: for bfloat16 input and weights (a bfloat16 float32 mix keeps its
     # float32 weights unrounded), or under CPU bfloat16 autocast
-    on_cpu = input.device.type == "cpu"
+    on_cpu = input.is_cpu
     bf16_products = on_cpu and (
-        all(t.dtype == torch.bfloat16 for t in (input, *weights))
+        (input.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in weights))
         or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     )
     input, hx, cx, weights = _autocast([input, hx, cx, *weights])
@@ -325,12 +325,18 @@ def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor 
             )
 
 
+# whether autocast is on for any device (one call where torch has it)
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast(tensors: list[Tensor | None]) -> tuple:
     """Under autocast, the floating tensors in the dtype rnnext runs in there: on CUDA the
     autocast dtype (float16 or bfloat16; the kernels accumulate in float), on the CPU float32,
     since the CPU kernels have no half types. float64 tensors are left alone, as autocast does.
     Casting is differentiable: float32 parameters get float32 gradients."""
     input = tensors[0]
+    if not _any_autocast_enabled():
+        return tensors[0], tensors[1], tensors[2], tensors[3:]
     device_type = input.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         target = None
@@ -363,6 +369,8 @@ def _forward_mode(tensors) -> bool:
 
 def _check_device(input: Tensor) -> None:
     """A clear error for devices this build has no kernels for (the dispatcher's is cryptic)."""
+    if input.is_cpu and "cpu" in DEVICES_WITH_KERNELS:  # (input.device costs 0.3 us)
+        return
     if input.device.type not in DEVICES_WITH_KERNELS:
         raise NotImplementedError(
             f"rnnext: this build has no kernels for device {input.device.type!r} (input is on "

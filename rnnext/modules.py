@@ -202,19 +202,22 @@ class _FusedRNNBase(nn.RNNBase):
         return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
 
     def _layers(self, input: Tensor, states: list, lengths: Tensor | None):
-        """All layers on a time-major batch sorted longest first (when lengths are given)."""
+        """All layers on a time-major batch sorted longest first (when lengths are given).
+        Returns the output, h_n and c_n (None but for an LSTM)."""
         D = 2 if self.bidirectional else 1
-        per_layer = len(self._flat_weights) // self.num_layers
+        layers = self.num_layers
+        per_layer = len(self._flat_weights) // layers
         h0, c0 = states
         h_n, c_n = [], []
-        for layer in range(self.num_layers):
+        for layer in range(layers):
+            # (a single layer's states as they are: indexing a tensor costs a microsecond)
             directions = slice(layer * D, (layer + 1) * D)
             output, h, c = recurrent_layer(
                 self.mode,
                 input,
                 self._flat_weights[layer * per_layer : (layer + 1) * per_layer],
-                h0[directions] if h0 is not None else None,
-                c0[directions] if c0 is not None else None,
+                h0[directions] if h0 is not None and layers > 1 else h0,
+                c0[directions] if c0 is not None and layers > 1 else c0,
                 has_biases=self.bias,
                 bidirectional=self.bidirectional,
                 lengths=lengths,
@@ -228,8 +231,7 @@ class _FusedRNNBase(nn.RNNBase):
                 # torch.nn's place for dropout: between layers, in training only
                 output = F.dropout(output, self.dropout, training=True)
             input = output
-        c_out = _join_layers(c_n) if self.mode == "LSTM" else input.new_empty(0)
-        return input, _join_layers(h_n), c_out
+        return input, _join_layers(h_n), (_join_layers(c_n) if self.mode == "LSTM" else None)
 
 
 def _join_layers(states: list[Tensor]) -> Tensor:
