@@ -399,16 +399,17 @@ def cpu_cache_stats() -> dict[str, int]:
     """Counters of the CPU workspace cache, process-wide.
 
     On the CPU, the workspace a layer's forward keeps for its backward (and a bidirectional
-    layer's per-direction input gradients, and the packed copies of the weights that each call
-    makes), when 4 MB or larger, comes from a cache of freed buffers: a buffer that large would
-    otherwise be mapped afresh by the C library at every call and pay a page fault per 4 KB
-    written. A call reuses a cached buffer of at least its size and at most 5/4 of it. The
-    cache holds at most ``RNNEXT_CPU_CACHE_MB`` megabytes (default 1024, ``0`` turns it off),
-    dropping its oldest buffers beyond that; what it holds stays allocated until
-    :func:`release_cpu_cache`, and ``torch.profiler``'s memory view does not count it. The
-    setting is read at the cache's first use; a value that is not a whole number of megabytes
-    makes every use raise a RuntimeError that names it: this function,
-    :func:`release_cpu_cache`, and every CPU call with a buffer that large.
+    layer's per-direction input gradients, the packed copies of the weights that each call
+    makes, and the weight gradients backward returns), when 256 KB or larger, comes from a
+    cache of freed buffers: such a buffer would otherwise often be mapped afresh by the C
+    library at every call and pay a page fault per 4 KB written. A call reuses a cached
+    buffer of at least its size and at most 5/4 of it. The cache holds at most
+    ``RNNEXT_CPU_CACHE_MB`` megabytes (default 1024, ``0`` turns it off), dropping its oldest
+    buffers beyond that; what it holds stays allocated until :func:`release_cpu_cache`, and
+    ``torch.profiler``'s memory view does not count it. The setting is read at the cache's
+    first use; a value that is not a whole number of megabytes makes every use raise a
+    RuntimeError that names it: this function, :func:`release_cpu_cache`, and every CPU call
+    with a buffer that large.
     Returns ``reused`` (buffers handed out again), ``allocated`` (buffers newly allocated for
     it) and ``cached_bytes`` (held now, free for reuse).
     """

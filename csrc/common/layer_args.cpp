@@ -83,16 +83,15 @@ LayerSizes direction_sizes(const LayerShape& s, int64_t d, int64_t block_steps) 
   return z;
 }
 
-std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
-                                              const at::TensorOptions& opts) {
+std::vector<at::Tensor> zero_weight_gradients(
+    const LayerShape& s, int64_t d, const std::function<at::Tensor(at::IntArrayRef)>& zeros) {
   const DirectionWeights& w = s.dirs[d];
-  std::vector<at::Tensor> grads = {at::zeros(w.w_ih.sizes(), opts),
-                                   at::zeros(w.w_hh.sizes(), opts)};
+  std::vector<at::Tensor> grads = {zeros(w.w_ih.sizes()), zeros(w.w_hh.sizes())};
   if (s.has_biases) {
-    grads.push_back(at::zeros({s.G * s.H}, opts));
-    grads.push_back(at::zeros({s.G * s.H}, opts));
+    grads.push_back(zeros({s.G * s.H}));
+    grads.push_back(zeros({s.G * s.H}));
   }
-  if (s.has_proj) grads.push_back(at::zeros(w.w_hr.sizes(), opts));
+  if (s.has_proj) grads.push_back(zeros(w.w_hr.sizes()));
   return grads;
 }
 

@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -83,9 +84,10 @@ void check_backward_args(const char* op, const LayerShape& s, c10::string_view m
 LayerSizes direction_sizes(const LayerShape& s, int64_t d, int64_t block_steps);
 
 // Zeroed, contiguous gradients for direction d's weights, in the order of the op's `weights`
-// (w_ih, w_hh, then b_ih, b_hh with biases, then w_hr with a projection).
-std::vector<at::Tensor> zero_weight_gradients(const LayerShape& s, int64_t d,
-                                              const at::TensorOptions& opts);
+// (w_ih, w_hh, then b_ih, b_hh with biases, then w_hr with a projection), each made by
+// zeros(sizes) (the backend's allocation: at::zeros, or the CPU's buffer cache).
+std::vector<at::Tensor> zero_weight_gradients(
+    const LayerShape& s, int64_t d, const std::function<at::Tensor(at::IntArrayRef)>& zeros);
 
 // One direction's weights and initial states, contiguous, with zeros for absent biases and
 // states: what every backend's loops read. w_hr and c0 are undefined without a projection or

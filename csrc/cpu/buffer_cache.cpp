@@ -4,6 +4,7 @@
 #include <pthread.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
 
@@ -145,6 +146,12 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   void* data = cache().take(bytes, capacity);
   return at::from_blob(
       data, sizes, [capacity](void* p) { cache().give_back(p, capacity); }, options);
+}
+
+at::Tensor zeros_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = empty_cached(sizes, options);
+  std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
 }
 
 BufferCacheStats buffer_cache_stats() {

@@ -54,7 +54,7 @@ int64_t packed_size(at::ScalarType dtype, int64_t K, int64_t N) {
 
 // The packed copy of a GEMM's right-hand weight operand (where packs_operands(s); undefined
 // otherwise): column tiles, or R^T [N, K] where N is narrow. weight is R [K, N], or
-// R^T [N, K] when transposed; contiguous. Tiles of 4 MB or more come from the buffer cache:
+// R^T [N, K] when transposed; contiguous. Copies of 256 KB or more come from the buffer cache:
 // measured against fresh memory, LSTM forward at (8, 4, 512) and (4, 8, 1024) took 0.72-0.89
 // of the time, forward+backward 0.81-0.97 (separate processes, best of 3 x 5).
 //
@@ -286,7 +286,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
                         : s.D == 1  ? at::empty({s.D, s.T, s.B, s.I}, opts)
                                     : empty_cached({s.D, s.T, s.B, s.I}, opts);
   std::vector<std::vector<Tensor>> grad_w(s.D);
-  for (int64_t d = 0; d < s.D && need_weights; ++d) grad_w[d] = zero_weight_gradients(s, d, opts);
+  for (int64_t d = 0; d < s.D && need_weights; ++d) {
+    grad_w[d] = zero_weight_gradients(
+        s, d, [&](at::IntArrayRef sizes) { return zeros_cached(sizes, opts); });
+  }
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, opts);
   const Tensor dh = grad_h_n.has_value() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
                                          : at::zeros({s.D, s.B, s.P}, opts);

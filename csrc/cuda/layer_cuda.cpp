@@ -218,7 +218,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_x = need_input ? at::zeros({s.D, s.T, s.B, s.I}, acc_opts) : Tensor();
   std::vector<std::vector<Tensor>> grad_w(s.D);
   for (int64_t d = 0; d < s.D && need_weights; ++d)
-    grad_w[d] = zero_weight_gradients(s, d, acc_opts);
+    grad_w[d] = zero_weight_gradients(
+        s, d, [&](at::IntArrayRef sizes) { return at::zeros(sizes, acc_opts); });
   const Tensor dgh_first = at::empty({s.D, s.B, GH}, acc_opts);
   // dh and dc: running gradients, in: w.r.t. h_n and c_n, out: w.r.t. hx and cx
   auto running = [&](const optional<Tensor>& given, int64_t size) {
