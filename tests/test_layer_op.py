@@ -145,6 +145,56 @@ def test_blocked_input_gemms(mode, proj, block_steps, dtype, monkeypatch):
         assert_matches(mode, x, weights, h0, True, lens)
 
 
+# (mode, T, B, I, H, proj, bidirectional, lengths, with h0, RNNEXT_CPU_BLOCK_STEPS, team split):
+# T = 1 with h0 (no step of W_hh's gradient in the loop, only the h0 term), narrow input,
+# projection, lengths with a zero, several blocks, packed products, teams by units and by rows
+UNSET_CASES = [
+    ("RNN_TANH", 1, 4, 8, 8, 0, False, None, True, None, None),
+    ("GRU", 1, 3, 5, 6, 0, False, None, False, None, None),
+    ("LSTM", 7, 5, 3, 6, 3, True, [7, 0, 4, 2, 7], True, "2", None),
+    ("GRU", 9, 20, 40, 32, 0, True, [9, 3, 9, 1] * 5, False, "3", "units"),
+    ("LSTM", 9, 20, 40, 32, 0, False, None, True, "4", "rows"),
+    ("RNN_TANH", 6, 20, 128, 128, 0, False, None, True, "4", None),
+    ("RNN_RELU", 5, 4, 6, 8, 0, True, [5, 2, 0, 4], False, None, None),
+]
+
+
+@pytest.mark.parametrize("case", UNSET_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_weight_gradients_from_dirty_memory(case, monkeypatch):
+    """CPU backward adds its blocks' weight gradients into buffers that may come back from
+    the buffer cache with an earlier call's contents: they are zeroed first. With
+    uninitialised memory filled with NaN (torch's deterministic fill for at::empty, and NaN
+    gradients of an earlier call left in the cache for its 256 KB buffers), every gradient
+    still matches the reference."""
+    mode, T, B, I, H, proj, bidirectional, lengths, with_h0, block_steps, split = case
+    if block_steps is not None:
+        monkeypatch.setenv("RNNEXT_CPU_BLOCK_STEPS", block_steps)
+    if split is not None:
+        monkeypatch.setenv("RNNEXT_CPU_TEAM_SPLIT", split)
+    torch.manual_seed(12)
+    D = 2 if bidirectional else 1
+    weights = layer_weights(mode, I, H, directions=D, proj=proj)
+    h0 = torch.randn(D, B, proj or H, dtype=torch.float64, requires_grad=True) if with_h0 else None
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    poisoned = torch.full((T, B, I), float("nan"), dtype=torch.float64)
+    out = functional.recurrent_layer(
+        mode, poisoned, weights, h0, bidirectional=bidirectional, lengths=lengths
+    )
+    grads = torch.autograd.grad(weighted_loss(*out), weights)
+    assert grads[0].isnan().all()  # (dW_ih = dG^T x)
+    del out, grads  # (their buffers go back to the cache)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        assert_matches(mode, x, weights, h0, bidirectional, lengths)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def cache_counts(call, calls: int) -> list[tuple[int, int]]:
     """Runs call(k) for k < calls; per call, the buffers the CPU cache newly allocated and the
     ones it handed out again."""
