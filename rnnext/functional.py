@@ -230,26 +230,8 @@ def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     steps = torch.arange(x.shape[0], device=x.device)[:, None]
     ends = lengths.to(x.device)[None, :]
     source = torch.where(steps < ends, ends - 1 - steps, steps)
-    return _Involution.apply(x, source[:, :, None].expand(x.shape))
-
-
-class _Involution(torch.autograd.Function):
-    """x.gather(0, index) for an index that is its own inverse permutation along dimension 0:
-    the gradient goes back through the same gather, where gather's own backward would
-    scatter it into a tensor of zeros, a second buffer of x's size."""
-
-    @staticmethod
-    def forward(x, index):
-        return x.gather(0, index)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return grad.gather(0, index), None
+    index = source[:, :, None].expand(x.shape)
+    return _Permutation.apply(x, 0, index, None)  # (its own inverse)
 
 
 def longest_first_order(lengths: Tensor) -> Tensor | None:
@@ -274,39 +256,45 @@ def select_batch(
     # forward-mode AD differentiates index_select itself (the Function has no jvp)
     plain = _forward_mode(tensors)
     return [
-        (t.index_select(1, index) if plain else _BatchPermutation.apply(t, index, inverse))
+        (t.index_select(1, index) if plain else _Permutation.apply(t, 1, index, inverse))
         if t is not None and t.numel()
         else t
         for t in tensors
     ]
 
 
-class _BatchPermutation(torch.autograd.Function):
-    """x.index_select(1, index) for a permutation ``index`` of the batch with inverse
-    ``inverse``: the gradient goes back through the inverse's index_select, where
-    index_select's own backward fills a new tensor of x's size with zeros and adds into it
-    (at [200, 32, 256] float32, 1.4-1.6 ms against 0.4 for the round trip alone; in a GRU
-    forward+backward with unsorted lengths, about 3000 page faults a call against none). A
-    gradient that is one value along the batch (expanded, as from output.sum()) is its own
-    permutation: it passes as it came, still expanded, which the kernels' backward reads in
-    place."""
+class _Permutation(torch.autograd.Function):
+    """x reordered along ``dim`` by a permutation: ``index`` 1-D (x.index_select(dim, index))
+    or of x's shape (x.gather(dim, index), a permutation of each line along dim), with
+    ``inverse`` its inverse (None: index is its own). The gradient goes back through the same
+    op with the inverse, where index_select's or gather's own backward fills a new tensor of
+    x's size with zeros and adds into it (at [200, 32, 256] float32, 1.4-1.6 ms against 0.4
+    for the round trip alone; in a GRU forward+backward with unsorted lengths, about 3000 page
+    faults a call against none). A gradient that is one value along dim (expanded, as from
+    output.sum()) is its own permutation: it passes as it came, still expanded, which the
+    kernels' backward reads in place."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, index, inverse):
-        return x.index_select(1, index)
+    def forward(x, dim, index, inverse):
+        return _permuted(x, dim, index)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
+        _x, ctx.dim, index, inverse = inputs
+        ctx.save_for_backward(index if inverse is None else inverse)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        if grad.stride(1) == 0:
-            return grad, None, None
-        return grad.index_select(1, inverse), None, None
+        if grad.stride(ctx.dim) == 0:
+            return grad, None, None, None
+        return _permuted(grad, ctx.dim, inverse), None, None, None
+
+
+def _permuted(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    return x.index_select(dim, index) if index.dim() == 1 else x.gather(dim, index)
 
 
 def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:

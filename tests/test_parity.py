@@ -118,27 +118,46 @@ def test_lengths_keyword_matches_packed(mode, order, monkeypatch):
 
 
 @pytest.mark.parametrize("grad_kind", ["dense", "expanded"])
-def test_batch_reordering_gradient(grad_kind):
-    """The reordering of the batch around the kernels sends the gradient back through the
-    inverse permutation: index_select's own gradient, and a gradient that is one value along
-    the batch (from output.sum()) comes back still expanded, not copied out."""
+@pytest.mark.parametrize("reordering", ["batch", "time"])
+def test_reordering_gradient(reordering, grad_kind):
+    """The reorderings around the kernels (of the batch by length; of each sequence in time,
+    for a checkpointed reverse direction) send the gradient back through the inverse
+    permutation: index_select's and gather's own gradients, and a gradient that is one value
+    along the reordered dimension (from output.sum()) comes back still expanded, not copied
+    out."""
     torch.manual_seed(7)
     x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
-    order = torch.tensor([3, 0, 4, 1, 2])
-    (y,) = rnnext.functional.select_batch([x], order, torch.argsort(order))
-    torch.testing.assert_close(y, x.index_select(1, order), rtol=0, atol=0)
-    if grad_kind == "dense":
-        grad = torch.randn(4, 5, 3, dtype=torch.float64)
+    functional = rnnext.functional
+    if reordering == "batch":
+        order, dim = torch.tensor([3, 0, 4, 1, 2]), 1
+
+        def reorder(t):
+            return functional.select_batch([t], order, torch.argsort(order))[0]
+
+        def plain(t):
+            return t.index_select(1, order)
     else:
-        grad = torch.randn(4, 1, 3, dtype=torch.float64).expand(4, 5, 3)
+        lengths, dim = torch.tensor([4, 2, 0, 3, 1]), 0
+        steps = torch.arange(4)[:, None]
+        source = torch.where(steps < lengths, lengths - 1 - steps, steps)
+
+        def reorder(t):
+            return functional.reverse_in_time(t, lengths)
+
+        def plain(t):
+            return t.gather(0, source[:, :, None].expand(t.shape))
+
+    y = reorder(x)
+    torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+    grad = torch.randn(4, 5, 3, dtype=torch.float64)
+    if grad_kind == "expanded":
+        grad = grad.narrow(dim, 0, 1).expand(4, 5, 3)
     (got,) = torch.autograd.grad(y, x, grad)
-    (expected,) = torch.autograd.grad(x.index_select(1, order), x, grad)
+    (expected,) = torch.autograd.grad(plain(x), x, grad)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     if grad_kind == "expanded":
-        assert got.stride(1) == 0
-    assert torch.autograd.gradcheck(
-        lambda t: rnnext.functional.select_batch([t], order, torch.argsort(order))[0], (x,)
-    )
+        assert got.stride(dim) == 0
+    assert torch.autograd.gradcheck(reorder, (x,))
 
 
 class RecurrentStack(torch.nn.Module):
