@@ -121,10 +121,8 @@ def recurrent_layer(
     order = inverse = None
     if lengths is not None and not lengths_sorted:
         # The kernels take rows longest first (the active rows of a step are then a prefix).
-        order = longest_first_order(lengths)
+        lengths, order, inverse = sort_longest_first(lengths, input.device)
     if order is not None:
-        lengths = lengths.index_select(0, order)
-        order, inverse = order.to(input.device), torch.argsort(order).to(input.device)
         input, hx, cx = select_batch([input, hx, cx], order, inverse)
     tensors = (input, hx, cx, *weights)
     if _forward_mode(tensors):
@@ -234,17 +232,21 @@ def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     return _Permutation.apply(x, 0, index, None)  # (its own inverse)
 
 
-def longest_first_order(lengths: Tensor) -> Tensor | None:
-    """The stable order that sorts ``lengths`` longest first, or None where they already are
-    (a batch bucketed or sorted by length then skips the two reorderings of the batch, each a
+def sort_longest_first(
+    lengths: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(lengths sorted longest first, the stable order that sorts the batch so, its inverse),
+    the two permutations on ``device``; (lengths, None, None) where they already are sorted (a
+    batch bucketed or sorted by length then skips the two reorderings of the batch, each a
     copy of the input or the output and of its gradient)."""
     # Only eager calls on real CPU lengths look at the values: a trace or a compiled graph
     # must not bake in one batch's answer, and reading GPU lengths would wait for the GPU.
     eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
     if eager and type(lengths) is Tensor and lengths.device.type == "cpu":
         if lengths.numel() < 2 or bool((lengths[:-1] >= lengths[1:]).all()):
-            return None
-    return torch.argsort(lengths, descending=True, stable=True)
+            return lengths, None, None
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return lengths.index_select(0, order), order.to(device), torch.argsort(order).to(device)
 
 
 def select_batch(

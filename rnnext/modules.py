@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import check_lengths, longest_first_order, recurrent_layer, select_batch
+from .functional import check_lengths, recurrent_layer, select_batch, sort_longest_first
 
 Tensor = torch.Tensor
 
@@ -131,10 +131,8 @@ class _FusedRNNBase(nn.RNNBase):
             lengths = torch.as_tensor(lengths)
             check_lengths(lengths, input, *states)
             # Sort the batch longest first once for all layers; the kernels need that order.
-            order = longest_first_order(lengths)
+            lengths, order, inverse = sort_longest_first(lengths, input.device)
             if order is not None:
-                lengths = lengths.index_select(0, order)
-                order, inverse = order.to(input.device), torch.argsort(order).to(input.device)
                 input, *states = select_batch([input, *states], order, inverse)
         output, h_n, c_n = self._layers(input, states, lengths)
         if order is not None:
