@@ -9,8 +9,10 @@
 //            (G = 1, 3, 4 for RNN, GRU, LSTM; P = the projection size, or H without one)
 //   hx       [D, B, P], cx [D, B, H] (LSTM only) initial states, zeros when None; D = 2 if
 //            bidirectional
-//   lengths  None, or [B] int64/int32 sequence lengths in [0, T], sorted longest first, on the
-//            CPU or the input's device: row b runs steps t < lengths[b] only
+//   lengths  None, or [B] int64/int32 sequence lengths in [0, T], in any order, on the CPU or
+//            the input's device: row b runs steps t < lengths[b] only (the kernels run on the
+//            batch sorted longest first, a copy where it is not, common/batch_order.h; the
+//            workspace is in that order)
 // layer_forward returns output [T, B, D*P] (zero past each row's end), h_n [D, B, P], c_n
 // [D, B, H] (LSTM; else [0]) and the workspace [D, T, B, W] that layer_backward needs (W per
 // cell, see csrc/cells; [0] when need_workspace is false).

@@ -3,11 +3,12 @@
 A vmapped call maps a layer over n samples. Where the samples share the weights and the
 lengths, they run as one call over all their rows: the batch axis of every per-row tensor
 grows from B to B*n, row b*n + k being sample k's row b (lengths sorted longest first stay
-sorted when each is repeated n times). Autograd then records one call, whose backward sums
-the weight gradients over the samples, which is what a loss over the vmapped results asks
-for. Where each sample has weights or lengths of its own (a vmapped ensemble, say), or
-where vmap asks for each sample's own weight gradients (the backward op under vmap, as in
-vmap(grad(loss)): per-sample gradients), the samples run one call each.
+sorted when each is repeated n times, so the op copies nothing to sort them). Autograd then
+records one call, whose backward sums the weight gradients over the samples, which is what a
+loss over the vmapped results asks for. Where each sample has weights or lengths of its own
+(a vmapped ensemble, say), or where vmap asks for each sample's own weight gradients (the
+backward op under vmap, as in vmap(grad(loss)): per-sample gradients), the samples run one
+call each.
 """
 
 from __future__ import annotations

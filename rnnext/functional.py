@@ -56,8 +56,8 @@ def recurrent_layer(
             ``[0, T]``. Row b then runs steps ``t < lengths[b]`` only: outputs past its end are
             zero, its final state is the one at its own last step, the reverse direction starts
             there, and nothing past the end receives a gradient. Padding must be finite.
-        lengths_sorted: promise that ``lengths`` is sorted longest first, which saves the
-            reordering of the batch that the kernels otherwise need.
+        lengths_sorted: no longer has an effect (kept so that calls passing it still work):
+            lengths may come in any order, and a batch sorted longest first is never reordered.
         checkpoint_every: bounded memory for long sequences: keep only the state every
             ``checkpoint_every`` steps during forward and recompute the steps in between during
             backward. Backward then holds one segment's intermediate values instead of the
@@ -118,12 +118,8 @@ def recurrent_layer(
             raise ValueError(
                 f"rnnext: checkpoint_every must be a positive int or None, got {checkpoint_every!r}"
             )
-    order = inverse = None
-    if lengths is not None and not lengths_sorted:
-        # The kernels take rows longest first (the active rows of a step are then a prefix).
-        lengths, order, inverse = sort_longest_first(lengths, input.device)
-    if order is not None:
-        input, hx, cx = select_batch([input, hx, cx], order, inverse)
+    # (lengths in any order: the op runs its kernels on the batch sorted longest first and
+    # returns the results in the caller's order)
     tensors = (input, hx, cx, *weights)
     if _forward_mode(tensors):
         # Forward-mode AD differentiates the reference's plain ops itself; an autograd
@@ -170,8 +166,6 @@ def recurrent_layer(
             False,
             bf16_products,
         )
-    if order is not None:
-        output, h_n, c_n = select_batch([output, h_n, c_n], inverse, order)
     if half_on_cpu:
         output, h_n, c_n = output.to(half), h_n.to(half), c_n.to(half)
     return output, h_n, c_n
@@ -189,7 +183,7 @@ def _checkpointed_layer(
     every: int,
     bf16_products: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A layer with checkpoint_every, on a batch sorted longest first. A bidirectional layer runs
+    """A layer with checkpoint_every. A bidirectional layer runs
     its directions one after the other: the reverse one as a forward pass over each sequence
     reversed within its own length, since its segments must be recomputed from the end."""
     directions = 2 if bidirectional else 1
@@ -232,23 +226,6 @@ def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     return _Permutation.apply(x, 0, index, None)  # (its own inverse)
 
 
-def sort_longest_first(
-    lengths: Tensor, device: torch.device
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(lengths sorted longest first, the stable order that sorts the batch so, its inverse),
-    the two permutations on ``device``; (lengths, None, None) where they already are sorted (a
-    batch bucketed or sorted by length then skips the two reorderings of the batch, each a
-    copy of the input or the output and of its gradient)."""
-    # Only eager calls on real CPU lengths look at the values: a trace or a compiled graph
-    # must not bake in one batch's answer, and reading GPU lengths would wait for the GPU.
-    eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-    if eager and type(lengths) is Tensor and lengths.device.type == "cpu":
-        if lengths.numel() < 2 or bool((lengths[:-1] >= lengths[1:]).all()):
-            return lengths, None, None
-    order = torch.argsort(lengths, descending=True, stable=True)
-    return lengths.index_select(0, order), order.to(device), torch.argsort(order).to(device)
-
-
 def select_batch(
     tensors: Sequence[Tensor | None], index: Tensor, inverse: Tensor
 ) -> list[Tensor | None]:
@@ -266,15 +243,15 @@ def select_batch(
 
 
 class _Permutation(torch.autograd.Function):
-    """x reordered along ``dim`` by a permutation: ``index`` 1-D (x.index_select(dim, index))
-    or of x's shape (x.gather(dim, index), a permutation of each line along dim), with
-    ``inverse`` its inverse (None: index is its own). The gradient goes back through the same
-    op with the inverse, where index_select's or gather's own backward fills a new tensor of
-    x's size with zeros and adds into it (at [200, 32, 256] float32, 1.4-1.6 ms against 0.4
-    for the round trip alone; in a GRU forward+backward with unsorted lengths, about 3000 page
-    faults a call against none). A gradient that is one value along dim (expanded, as from
-    output.sum()) is its own permutation: it passes as it came, still expanded, which the
-    kernels' backward reads in place."""
+    """x reordered along ``dim`` by a permutation: ``index`` 1-D (x.index_select(dim, index):
+    a PackedSequence's states, by its sorted_indices) or of x's shape (x.gather(dim, index), a
+    permutation of each line along dim: the time reversal of a checkpointed reverse
+    direction), with ``inverse`` its inverse (None: index is its own). The gradient goes back
+    through the same op with the inverse, where index_select's or gather's own backward fills
+    a new tensor of x's size with zeros and adds into it (at [200, 32, 256] float32, 1.4-1.6
+    ms against 0.4 for the round trip alone). A gradient that is one value along dim
+    (expanded, as from output.sum()) is its own permutation: it passes as it came, still
+    expanded, which the kernels' backward reads in place."""
 
     generate_vmap_rule = True
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import check_lengths, recurrent_layer, select_batch, sort_longest_first
+from .functional import check_lengths, recurrent_layer, select_batch
 
 Tensor = torch.Tensor
 
@@ -126,17 +126,10 @@ class _FusedRNNBase(nn.RNNBase):
             self.check_forward_args(input, tuple(states) if is_lstm else states[0], None)
         if self.batch_first:
             input = input.transpose(0, 1)
-        order = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             check_lengths(lengths, input, *states)
-            # Sort the batch longest first once for all layers; the kernels need that order.
-            lengths, order, inverse = sort_longest_first(lengths, input.device)
-            if order is not None:
-                input, *states = select_batch([input, *states], order, inverse)
         output, h_n, c_n = self._layers(input, states, lengths)
-        if order is not None:
-            output, h_n, c_n = select_batch([output, h_n, c_n], inverse, order)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
@@ -200,7 +193,7 @@ class _FusedRNNBase(nn.RNNBase):
         return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
 
     def _layers(self, input: Tensor, states: list, lengths: Tensor | None):
-        """All layers on a time-major batch sorted longest first (when lengths are given).
+        """All layers on a time-major batch, with lengths in any order (or None).
         Returns the output, h_n and c_n (None but for an LSTM)."""
         D = 2 if self.bidirectional else 1
         layers = self.num_layers
@@ -219,7 +212,6 @@ class _FusedRNNBase(nn.RNNBase):
                 has_biases=self.bias,
                 bidirectional=self.bidirectional,
                 lengths=lengths,
-                lengths_sorted=True,
                 # modules converted from torch.nn have no such attribute
                 checkpoint_every=getattr(self, "checkpoint_every", None),
             )

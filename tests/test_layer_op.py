@@ -221,15 +221,31 @@ def test_cpu_workspace_cache(mode):
     T, B, I, H = 32, 16, 512, 128  # float64: workspace >= 4 MB, [2, T, B, I] = 4 MB
     weights = layer_weights(mode, I, H, directions=2, dtype=torch.float64)
     lengths = torch.randint(1, T + 1, (B,))
+    # (sorted: lengths in another order need buffers for the reordered batch too)
+    sorted_lengths = lengths.sort(descending=True).values
 
     def call(k):
         x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
-        assert_matches(mode, x, weights, None, True, lengths if k else None)
+        assert_matches(mode, x, weights, None, True, sorted_lengths if k else None)
 
     (allocated, reused), second = cache_counts(call, 2)
     # workspace, grad_x, and 2 directions x 2 weight gradients of 256 KB or more at least
     assert allocated >= 6
     assert second == (0, allocated + reused)
+
+    # lengths in another order: the reordered copies of the input, the output and the output
+    # gradient, the output in the kernels' order and the input gradient in it come from the
+    # cache too, and come back on the next call
+    def unsorted_call(k):
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        assert_matches(mode, x, weights, None, True, lengths if k else sorted_lengths)
+
+    (_, sorted_reused), (unsorted_allocated, unsorted_reused), again = cache_counts(
+        unsorted_call, 3
+    )
+    assert sorted_reused == allocated + reused
+    assert unsorted_allocated + unsorted_reused >= allocated + reused + 5
+    assert again == (0, unsorted_allocated + unsorted_reused)
     workspace = 2 * T * B * (5 if mode == "LSTM" else 4) * H * 8
     assert functional.release_cpu_cache() >= workspace + 2 * T * B * I * 8
     assert functional.cpu_cache_stats()["cached_bytes"] == 0
@@ -382,6 +398,51 @@ class GradientAs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _):
         return ctx.grad, None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unsorted_lengths_reorder_in_the_op(mode, device):
+    """Lengths in any order go to the op as they are: it runs its kernels on the batch sorted
+    longest first (ties in their order) and hands back output, states and gradients in the
+    caller's order. Both directions, initial states with gradients, and output gradients
+    dense, with permuted strides, one value along the batch (stride 0, left as it is) and one
+    per step and row."""
+    torch.manual_seed(12)
+    T, B, I, H = 7, 6, 5, 4
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device, requires_grad=True)
+    weights = [w.to(device) for w in layer_weights(mode, I, H, directions=2)]
+    h0 = torch.randn(2, B, H, dtype=torch.float64, device=device, requires_grad=True)
+    c0 = torch.randn_like(h0).requires_grad_() if mode == "LSTM" else None
+    lengths = torch.tensor([3, 7, 0, 5, 3, 6])
+    grads = [
+        torch.randn(2 * H, B, T, dtype=torch.float64).permute(2, 1, 0),
+        torch.randn(T, 1, 1, dtype=torch.float64).expand(T, B, 2 * H),
+        torch.randn(T, B, 1, dtype=torch.float64).expand(T, B, 2 * H),
+    ]
+    losses = [weighted_loss] + [
+        lambda output, h_n, c_n, grad=grad: (
+            GradientAs.apply(output, grad.to(device)).sum() + h_n.sum()
+        )
+        for grad in grads
+    ]
+    inputs = [t for t in (x, h0, c0, *weights) if t is not None]
+    with torch.no_grad():
+        output = torch.ops.rnnext.layer_forward(
+            mode, x, weights, h0, c0, True, True, lengths, False
+        )[:3]
+        expected = reference.recurrent_layer(
+            mode, x, weights, h0, c0, bidirectional=True, lengths=lengths
+        )
+    for a, b in zip(output, expected):
+        torch.testing.assert_close(a, b)
+    for lens in (lengths, lengths.to(device)):
+        for loss in losses:
+            (ours, our_grads), (ref, ref_grads) = run_both(
+                mode, x, weights, h0, c0, True, True, lens, loss
+            )
+            assert len(our_grads) == len(inputs)
+            for a, b in zip(ours + our_grads, ref + ref_grads):
+                torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("mode", MODES)

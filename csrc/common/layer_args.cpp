@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 #include <string>
 
 namespace rnnext {
@@ -216,14 +217,20 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
                       ", got ", l.device());
     const at::Tensor values = l.to(at::kCPU, at::kLong).contiguous();
     const int64_t* v = values.const_data_ptr<int64_t>();
+    bool sorted = true;
     for (int64_t b = 0; b < s.B; ++b) {
       TORCH_CHECK_VALUE(v[b] >= 0 && v[b] <= s.T, op, ": lengths must lie in [0, T = ", s.T,
                         "], got lengths[", b, "] = ", v[b]);
-      TORCH_CHECK_VALUE(b == 0 || v[b] <= v[b - 1], op,
-                        ": lengths must be sorted longest first, got lengths[", b - 1,
-                        "] = ", v[b - 1], " < lengths[", b, "] = ", v[b]);
-      s.lengths[b] = v[b];
+      sorted = sorted && (b == 0 || v[b] <= v[b - 1]);
     }
+    if (!sorted) {
+      // (stable, so that equal lengths keep their order, as a PackedSequence's sort does)
+      s.batch_order.resize(s.B);
+      std::iota(s.batch_order.begin(), s.batch_order.end(), int64_t{0});
+      std::stable_sort(s.batch_order.begin(), s.batch_order.end(),
+                       [v](int64_t a, int64_t b) { return v[a] > v[b]; });
+    }
+    for (int64_t b = 0; b < s.B; ++b) s.lengths[b] = v[sorted ? b : s.batch_order[b]];
     for (int64_t t = 0; t < s.T; ++t) {
       s.batch_sizes[t] = std::count_if(v, v + s.B, [t](int64_t len) { return len > t; });
     }

@@ -45,10 +45,15 @@ struct LayerShape {
   // bfloat16 weights with float32 input (CPU, bf16_products): see check_layer_args
   bool bf16_weights = false;
   std::vector<DirectionWeights> dirs;
+  // [B] the kernels' row b is the caller's row batch_order[b] (see batch_order.h); empty
+  // where the caller's lengths are sorted longest first already (or absent)
+  std::vector<int64_t> batch_order;
   std::vector<int64_t> lengths;      // [B] per-row lengths, longest first (T without lengths)
   std::vector<int64_t> batch_sizes;  // [T] rows active at each step
   std::vector<int64_t> row_starts;   // [T + 1] rows active before each step, over all steps
 
+  // Whether the kernels run on the caller's batch reordered (BatchOrder).
+  bool reorders_batch() const { return !batch_order.empty(); }
   // Whether some row ends before the last step.
   bool has_ended_rows() const { return T > 0 && batch_sizes[T - 1] < B; }
 };
@@ -56,8 +61,9 @@ struct LayerShape {
 // Checks the forward op's arguments and returns their sizes.
 // input [T, B, I] float32 or float64 (also float16 and bfloat16 on CUDA); hx [D, B, P]; cx [D, B,
 // H] (LSTM only); lengths [B] int64 or int32, on the CPU or the input's device, values in [0, T],
-// sorted longest first. The weights have the input's dtype, or, with bf16_products and float32
-// input on the CPU, all of them may be bfloat16 (s.bf16_weights).
+// in any order (s.lengths sorted longest first, s.batch_order the order). The weights have the
+// input's dtype, or, with bf16_products and float32 input on the CPU, all of them may be bfloat16
+// (s.bf16_weights).
 LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Tensor& input,
                             at::TensorList weights, const std::optional<at::Tensor>& hx,
                             const std::optional<at::Tensor>& cx, bool has_biases,

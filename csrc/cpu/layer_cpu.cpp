@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/batch_order.h"
 #include "../common/layer_args.h"
 #include "buffer_cache.h"
 #include "layer_driver.h"
@@ -205,19 +206,22 @@ std::vector<Tensor> loop_weights(at::TensorList weights, const Tensor& input, bo
   return result;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights_arg,
-    const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
-    const optional<Tensor>& lengths, bool need_workspace, bool bf16_products) {
-  const std::vector<Tensor> weights = loop_weights(weights_arg, input_arg, bf16_products);
-  const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input_arg, weights, hx, cx,
-                                        has_biases, bidirectional, lengths, bf16_products);
+Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+// layer_forward on a batch in the kernels' order (lengths sorted longest first, as s says),
+// its output made by allocate_output.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_in_order(
+    const LayerShape& s, const Tensor& input_arg, const optional<Tensor>& hx,
+    const optional<Tensor>& cx, bool need_workspace, bool bf16_products,
+    const BatchOrder::Allocate& allocate_output) {
   const Tensor input = input_arg.contiguous();
   const auto opts = input.options();
   const bool has_state = s.cell == CellKind::kLstm;
 
   const bool sums_gates = cells::visit(s.cell, [](auto c) { return decltype(c)::kSumsGates; });
-  Tensor output = at::empty({s.T, s.B, s.D * s.P}, opts);
+  Tensor output = allocate_output({s.T, s.B, s.D * s.P}, opts);
   Tensor h_n = at::empty({s.D, s.B, s.P}, opts);
   Tensor c_n = has_state ? at::empty({s.D, s.B, s.H}, opts) : at::empty({0}, opts);
   Tensor workspace =
@@ -255,20 +259,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   return {output, h_n, c_n, workspace};
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights_arg,
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    c10::string_view mode, const Tensor& input, at::TensorList weights_arg,
+    const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
+    const optional<Tensor>& lengths, bool need_workspace, bool bf16_products) {
+  const std::vector<Tensor> weights = loop_weights(weights_arg, input, bf16_products);
+  const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input, weights, hx, cx,
+                                        has_biases, bidirectional, lengths, bf16_products);
+  if (!s.reorders_batch()) {
+    return forward_in_order(s, input, hx, cx, need_workspace, bf16_products, empty);
+  }
+  // the reordered output is scratch too: the caller gets its copy in the caller's order
+  const BatchOrder order(s, input.device(), empty_cached);
+  const auto [output, h_n, c_n, workspace] =
+      forward_in_order(s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx),
+                       need_workspace, bf16_products, empty_cached);
+  return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
+}
+
+// layer_backward on a batch in the kernels' order, a one-direction grad_input made by
+// allocate_grad_input.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_in_order(
+    const LayerShape& s, const Tensor& input_arg, at::TensorList weights_arg,
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
     const Tensor& workspace_arg, const optional<Tensor>& grad_output,
-    const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
-    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
-    bool bf16_products) {
-  const char* op = "rnnext.layer_backward";
-  const std::vector<Tensor> weights = loop_weights(weights_arg, input_arg, bf16_products);
-  const LayerShape s = check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases,
-                                        bidirectional, lengths, bf16_products);
+    const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n,
+    std::array<bool, 3> output_mask, bool bf16_products,
+    const BatchOrder::Allocate& allocate_grad_input) {
+  const bool has_biases = s.has_biases;
   const bool has_state = s.cell == CellKind::kLstm;
-  check_backward_args(op, s, mode, input_arg, output, workspace_arg, grad_output, grad_h_n,
-                      grad_c_n);
   const auto [need_input, need_state, need_weights] = output_mask;
 
   const Tensor input = input_arg.contiguous();
@@ -283,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   // otherwise write into the same memory; grad_x needs no zeroing (the driver writes it whole).
   // (two directions' are summed into a new tensor, so theirs can come from the cache)
   const Tensor grad_x = !need_input ? Tensor()
-                        : s.D == 1  ? at::empty({s.D, s.T, s.B, s.I}, opts)
+                        : s.D == 1  ? allocate_grad_input({s.D, s.T, s.B, s.I}, opts)
                                     : empty_cached({s.D, s.T, s.B, s.I}, opts);
   std::vector<std::vector<Tensor>> grad_w(s.D);
   for (int64_t d = 0; d < s.D && need_weights; ++d) {
@@ -403,6 +422,31 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_hx = need_state ? dh : at::empty({0}, opts);
   const Tensor grad_cx = need_state && has_state ? dc : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_weights};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
+    c10::string_view mode, const Tensor& input, at::TensorList weights_arg,
+    const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
+    const Tensor& workspace, const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, bool has_biases, bool bidirectional,
+    const optional<Tensor>& lengths, std::array<bool, 3> output_mask, bool bf16_products) {
+  const char* op = "rnnext.layer_backward";
+  const std::vector<Tensor> weights = loop_weights(weights_arg, input, bf16_products);
+  const LayerShape s = check_layer_args(op, mode, input, weights, hx, cx, has_biases, bidirectional,
+                                        lengths, bf16_products);
+  check_backward_args(op, s, mode, input, output, workspace, grad_output, grad_h_n, grad_c_n);
+  if (!s.reorders_batch()) {
+    return backward_in_order(s, input, weights_arg, hx, cx, output, workspace, grad_output,
+                             grad_h_n, grad_c_n, output_mask, bf16_products, empty);
+  }
+  // (the workspace is in the kernels' order already: forward wrote it so)
+  const BatchOrder order(s, input.device(), empty_cached);
+  const auto [grad_input, grad_hx, grad_cx, grad_weights] = backward_in_order(
+      s, order.to_kernel(input), weights_arg, order.to_kernel(hx), order.to_kernel(cx),
+      order.to_kernel(output), workspace, order.to_kernel(grad_output), order.to_kernel(grad_h_n),
+      order.to_kernel(grad_c_n), output_mask, bf16_products, empty_cached);
+  return {order.to_caller(grad_input), order.to_caller(grad_hx), order.to_caller(grad_cx),
+          grad_weights};
 }
 
 }  // namespace

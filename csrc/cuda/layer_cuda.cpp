@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/batch_order.h"
 #include "../common/layer_args.h"
 #include "graph_replay.h"
 #include "layer_driver.h"
@@ -125,15 +126,16 @@ void check_sizes(const char* op, const LayerShape& s) {
                     ", I = ", s.I, ", H = ", s.H, ", P = ", s.P, ")");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
-    const optional<Tensor>& hx, const optional<Tensor>& cx, bool has_biases, bool bidirectional,
-    const optional<Tensor>& lengths, bool need_workspace, bool /*bf16_products: CPU only*/) {
-  const char* op = "rnnext.layer_forward";
-  const LayerShape s =
-      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
-  check_sizes(op, s);
-  const c10::cuda::CUDAGuard guard(input_arg.device());
+Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+// layer_forward on a batch in the kernels' order (lengths sorted longest first, as s says).
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_in_order(const LayerShape& s,
+                                                            const Tensor& input_arg,
+                                                            const optional<Tensor>& hx,
+                                                            const optional<Tensor>& cx,
+                                                            bool need_workspace) {
   const Tensor input = input_arg.contiguous();
   const auto opts = input.options();
   const auto acc_opts = opts.dtype(acc_type(input.scalar_type()));
@@ -187,20 +189,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   return {output, h_n, c_n, workspace};
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
-    c10::string_view mode, const Tensor& input_arg, at::TensorList weights,
-    const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
-    const Tensor& workspace_arg, const optional<Tensor>& grad_output,
-    const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, bool has_biases,
-    bool bidirectional, const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
-    bool /*bf16_products: CPU only*/) {
-  const char* op = "rnnext.layer_backward";
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    c10::string_view mode, const Tensor& input, at::TensorList weights, const optional<Tensor>& hx,
+    const optional<Tensor>& cx, bool has_biases, bool bidirectional,
+    const optional<Tensor>& lengths, bool need_workspace, bool /*bf16_products: CPU only*/) {
+  const char* op = "rnnext.layer_forward";
   const LayerShape s =
-      check_layer_args(op, mode, input_arg, weights, hx, cx, has_biases, bidirectional, lengths);
-  check_backward_args(op, s, mode, input_arg, output, workspace_arg, grad_output, grad_h_n,
-                      grad_c_n);
+      check_layer_args(op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths);
   check_sizes(op, s);
-  const c10::cuda::CUDAGuard guard(input_arg.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (!s.reorders_batch()) return forward_in_order(s, input, hx, cx, need_workspace);
+  const BatchOrder order(s, input.device(), empty);
+  const auto [output, h_n, c_n, workspace] = forward_in_order(
+      s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx), need_workspace);
+  return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
+}
+
+// layer_backward on a batch in the kernels' order.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_in_order(
+    const LayerShape& s, const Tensor& input_arg, const optional<Tensor>& hx,
+    const optional<Tensor>& cx, const Tensor& output, const Tensor& workspace_arg,
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, std::array<bool, 3> output_mask) {
+  const bool has_biases = s.has_biases;
   const auto [need_input, need_state, need_weights] = output_mask;
   const bool has_state = s.cell == CellKind::kLstm;
   const Tensor input =
@@ -300,6 +311,33 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const Tensor grad_hx = need_state ? dh.to(dtype) : at::empty({0}, opts);
   const Tensor grad_cx = need_state && has_state ? dc.to(dtype) : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_weights};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
+    c10::string_view mode, const Tensor& input, at::TensorList weights, const optional<Tensor>& hx,
+    const optional<Tensor>& cx, const Tensor& output, const Tensor& workspace,
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, bool has_biases, bool bidirectional,
+    const optional<Tensor>& lengths, std::array<bool, 3> output_mask,
+    bool /*bf16_products: CPU only*/) {
+  const char* op = "rnnext.layer_backward";
+  const LayerShape s =
+      check_layer_args(op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths);
+  check_backward_args(op, s, mode, input, output, workspace, grad_output, grad_h_n, grad_c_n);
+  check_sizes(op, s);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (!s.reorders_batch()) {
+    return backward_in_order(s, input, hx, cx, output, workspace, grad_output, grad_h_n, grad_c_n,
+                             output_mask);
+  }
+  // (the workspace is in the kernels' order already: forward wrote it so)
+  const BatchOrder order(s, input.device(), empty);
+  const auto [grad_input, grad_hx, grad_cx, grad_weights] =
+      backward_in_order(s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx),
+                        order.to_kernel(output), workspace, order.to_kernel(grad_output),
+                        order.to_kernel(grad_h_n), order.to_kernel(grad_c_n), output_mask);
+  return {order.to_caller(grad_input), order.to_caller(grad_hx), order.to_caller(grad_cx),
+          grad_weights};
 }
 
 }  // namespace

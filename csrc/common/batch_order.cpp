@@ -1,0 +1,68 @@
+#include "batch_order.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+namespace rnnext {
+namespace {
+
+// dst [N, B, F] (contiguous) = src [N, B, F] with rows of dimension 1 picked by index [B]. On
+// the CPU rows of unit stride are copied whole, over torch's threads (index_select copied
+// them on one thread while the other waited, 1.4 ms of a GRU (200, 32, 256) forward+backward).
+void select_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index) {
+  const int64_t N = src.size(0), B = src.size(1), F = src.size(2);
+  if (!src.is_cpu() || (src.stride(2) != 1 && F > 1)) {
+    at::index_select_out(dst, src, 1, index);
+    return;
+  }
+  const int64_t item = src.element_size(), row_bytes = F * item;
+  const auto* from = static_cast<const char*>(src.const_data_ptr());
+  auto* to = static_cast<char*>(dst.mutable_data_ptr());
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  const int64_t stride_n = src.stride(0) * item, stride_b = src.stride(1) * item;
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, B * row_bytes));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(to + (n * B + b) * row_bytes, from + n * stride_n + rows[b] * stride_b,
+                    row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+BatchOrder::BatchOrder(const LayerShape& s, const at::Device& device, Allocate allocate)
+    : allocate_(std::move(allocate)) {
+  const at::Tensor order = at::tensor(s.batch_order, at::kLong);
+  const at::Tensor inverse = at::empty_like(order);
+  inverse.index_put_({order}, at::arange(s.B, at::kLong));
+  order_ = order.to(device);
+  inverse_ = inverse.to(device);
+}
+
+at::Tensor BatchOrder::to_kernel(const at::Tensor& t) const {
+  if (t.numel() == 0 || t.stride(1) == 0) return t;
+  at::Tensor result = allocate_(t.sizes(), t.options());
+  select_rows(result, t, order_);
+  return result;
+}
+
+std::optional<at::Tensor> BatchOrder::to_kernel(const std::optional<at::Tensor>& t) const {
+  return t.has_value() ? std::optional<at::Tensor>(to_kernel(*t)) : std::nullopt;
+}
+
+at::Tensor BatchOrder::to_caller(const at::Tensor& t) const {
+  if (t.numel() == 0) return t;
+  at::Tensor result = at::empty(t.sizes(), t.options());
+  select_rows(result, t, inverse_);
+  return result;
+}
+
+}  // namespace rnnext
