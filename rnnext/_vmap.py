@@ -3,7 +3,9 @@
 A vmapped call maps a layer over n samples. Where the samples share the weights and the
 lengths, they run as one call over all their rows: the batch axis of every per-row tensor
 grows from B to B*n, row b*n + k being sample k's row b (lengths sorted longest first stay
-sorted when each is repeated n times, so the op copies nothing to sort them). Autograd then
+sorted when each is repeated n times, so the op copies nothing to sort them; other lengths
+the op sorts stably, which keeps the n copies of a row together and each sample's rows in the
+order of a single sample's call, as a per-sample backward's workspace needs). Autograd then
 records one call, whose backward sums the weight gradients over the samples, which is what a
 loss over the vmapped results asks for. Where each sample has weights or lengths of its own
 (a vmapped ensemble, say), or where vmap asks for each sample's own weight gradients (the

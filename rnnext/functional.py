@@ -277,8 +277,8 @@ def _permuted(x: Tensor, dim: int, index: Tensor) -> Tensor:
 
 
 def check_lengths(lengths: Tensor, input: Tensor, hx: Tensor | None, cx: Tensor | None) -> None:
-    """Checks lengths against a time-major input (and the states' batch size, dimension 1),
-    before the batch is reordered by them."""
+    """Checks lengths against a time-major input (and the states' batch size, dimension 1), in
+    Python's words, before any op or the reference sees them."""
     B = input.shape[1] if input.dim() == 3 else None
     if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
         got = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
@@ -367,7 +367,8 @@ def cpu_cache_stats() -> dict[str, int]:
 
     On the CPU, the workspace a layer's forward keeps for its backward (and a bidirectional
     layer's per-direction input gradients, the packed copies of the weights that each call
-    makes, and the weight gradients backward returns), when 256 KB or larger, comes from a
+    makes, the weight gradients backward returns, and the copies of the batch in the kernels'
+    order that unsorted lengths need), when 256 KB or larger, comes from a
     cache of freed buffers: such a buffer would otherwise often be mapped afresh by the C
     library at every call and pay a page fault per 4 KB written. A call reuses a cached
     buffer of at least its size and at most 5/4 of it. The cache holds at most

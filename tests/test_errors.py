@@ -179,7 +179,7 @@ def test_op_projection_weight_shape():
         op("LSTM", x, w, None, None, True, False, None, False)
 
 
-def test_functional_lengths_checked_before_reordering():
+def test_functional_lengths_checked():
     x, w = args()
     for lengths, exc, parts in [
         (torch.tensor([3]), ValueError, ("lengths must be 1-D of size B = 2", "got [1]")),

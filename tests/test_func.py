@@ -140,6 +140,28 @@ def test_per_sample_gradients(mode, device):
             torch.testing.assert_close(got[name][k], expected[name])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_per_sample_gradients_with_unsorted_lengths(mode, device):
+    """vmap(grad(loss)) over batched samples sharing unsorted lengths (a tie and a zero): the
+    forward folds the samples into one call, whose batch the op sorts, and each sample's
+    backward runs on its own part of that call's workspace; a loop of grad agrees."""
+    torch.manual_seed(1)
+    module = make_module(mode, 3, 4, nn=False, bidirectional=True).to(device, torch.float64)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    xs = torch.randn(N, 5, 4, 3, dtype=torch.float64, device=device)  # samples [T, B, I]
+    lengths = torch.tensor([3, 5, 0, 3])
+
+    def loss(p, x):
+        output, _ = torch.func.functional_call(module, p, (x,), {"lengths": lengths})
+        return (output * torch.arange(output.numel(), device=device).view_as(output)).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for k, x in enumerate(xs):
+        expected = torch.func.grad(loss)(params, x)
+        for name in params:
+            torch.testing.assert_close(got[name][k], expected[name])
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 def test_jacrev_equals_autograd_jacobian(frozen, device):
     """torch.func.jacrev maps a vjp function over the output's basis with vmap: the fused

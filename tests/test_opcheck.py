@@ -19,8 +19,13 @@ def sample_args(mode, device, bidirectional, proj=0):
     return x, weights, hx, cx
 
 
-# (mode, projection size, lengths): every cell, an LSTM projection, sorted lengths with a zero
-CASES = [(m, 0, None) for m in MODES] + [("LSTM", 4, None), ("GRU", 0, [4, 2, 0])]
+# (mode, projection size, lengths): every cell, an LSTM projection, lengths with a zero sorted
+# longest first and not (which the op reorders)
+CASES = [(m, 0, None) for m in MODES] + [
+    ("LSTM", 4, None),
+    ("GRU", 0, [4, 2, 0]),
+    ("LSTM", 0, [2, 4, 0]),
+]
 
 
 @pytest.mark.parametrize("mode, proj, lengths", CASES, ids=str)

@@ -224,7 +224,9 @@ LayerShape check_layer_args(const char* op, c10::string_view mode, const at::Ten
       sorted = sorted && (b == 0 || v[b] <= v[b - 1]);
     }
     if (!sorted) {
-      // (stable, so that equal lengths keep their order, as a PackedSequence's sort does)
+      // Stable: equal lengths keep their order. vmap relies on it, folding n samples' rows
+      // as b * n + k with each length repeated n times, so that the kernels' order of the
+      // folded batch keeps each sample's rows in the single sample's order (_vmap.py).
       s.batch_order.resize(s.B);
       std::iota(s.batch_order.begin(), s.batch_order.end(), int64_t{0});
       std::stable_sort(s.batch_order.begin(), s.batch_order.end(),

@@ -1,6 +1,7 @@
 // Host buffers kept for reuse: the workspace that a layer's forward saves for its backward, a
 // bidirectional layer's per-direction input gradients, the packed copies of the weights
-// (packed_gemm.h) that each call makes, and the weight gradients backward returns. glibc maps
+// (packed_gemm.h) that each call makes, the weight gradients backward returns, and the
+// copies of the batch in the kernels' order (common/batch_order.h). glibc maps
 // an allocation of 32 MB or more afresh each time and unmaps it when freed, so every call paid
 // a page fault (and the zeroing of a page) per 4 KB it wrote: 10-20 ms of a 2-layer
 // bidirectional (200, 32, 256) forward+backward. Smaller buffers fared the same whenever the
@@ -15,9 +16,9 @@
 // What the cache holds stays allocated (up to the limit below) until release_cached_buffers();
 // torch.profiler's memory view does not see it, and torch's fill of uninitialised memory
 // (torch.utils.deterministic.fill_uninitialized_memory) does not apply to it, which is safe
-// because backward reads only the workspace entries that forward wrote, the input gradients
-// and packed weights are written whole before they are read, and the weight gradients are
-// zeroed (zeros_cached).
+// because backward reads only the workspace entries that forward wrote, the input gradients,
+// packed weights, reordered copies and outputs in the kernels' order are written whole before
+// they are read, and the weight gradients are zeroed (zeros_cached).
 #pragma once
 
 #include <ATen/core/Tensor.h>
