@@ -277,8 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
 }
 
-// layer_backward on a batch in the kernels' order, a one-direction grad_input made by
-// allocate_grad_input.
+// layer_backward on a batch in the kernels' order, its grad_input made by allocate_grad_input.
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_in_order(
     const LayerShape& s, const Tensor& input_arg, at::TensorList weights_arg,
     const optional<Tensor>& hx, const optional<Tensor>& cx, const Tensor& output,
@@ -416,9 +415,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_in_order(
     }
   }
   // (unwanted gradients are distinct empty tensors: outputs must not alias each other)
-  const Tensor grad_input = !need_input ? at::empty({0}, opts)
-                            : s.D == 1  ? grad_x[0]
-                                        : grad_x.sum(0);
+  Tensor grad_input = !need_input ? at::empty({0}, opts)
+                      : s.D == 1  ? grad_x[0]
+                                  : allocate_grad_input({s.T, s.B, s.I}, opts);
+  if (need_input && s.D == 2) at::sum_out(grad_input, grad_x, 0);
   const Tensor grad_hx = need_state ? dh : at::empty({0}, opts);
   const Tensor grad_cx = need_state && has_state ? dc : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_weights};
