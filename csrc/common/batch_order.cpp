@@ -47,6 +47,10 @@ BatchOrder::BatchOrder(const LayerShape& s, const at::Device& device, Allocate a
   inverse_ = inverse.to(device);
 }
 
+at::Tensor BatchOrder::empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
 at::Tensor BatchOrder::to_kernel(const at::Tensor& t) const {
   if (t.numel() == 0 || t.stride(1) == 0) return t;
   at::Tensor result = allocate_(t.sizes(), t.options());
@@ -60,7 +64,7 @@ std::optional<at::Tensor> BatchOrder::to_kernel(const std::optional<at::Tensor>&
 
 at::Tensor BatchOrder::to_caller(const at::Tensor& t) const {
   if (t.numel() == 0) return t;
-  at::Tensor result = at::empty(t.sizes(), t.options());
+  at::Tensor result = empty(t.sizes(), t.options());
   select_rows(result, t, inverse_);
   return result;
 }

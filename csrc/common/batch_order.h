@@ -19,6 +19,8 @@ class BatchOrder {
  public:
   // allocate(sizes, options): an uninitialised contiguous tensor for a reordered operand.
   using Allocate = std::function<at::Tensor(at::IntArrayRef, const at::TensorOptions&)>;
+  // at::empty as an Allocate.
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
   // For s.reorders_batch(), on the operands' device.
   BatchOrder(const LayerShape& s, const at::Device& device, Allocate allocate);

@@ -206,10 +206,6 @@ std::vector<Tensor> loop_weights(at::TensorList weights, const Tensor& input, bo
   return result;
 }
 
-Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::empty(sizes, options);
-}
-
 // layer_forward on a batch in the kernels' order (lengths sorted longest first, as s says),
 // its output made by allocate_output.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_in_order(
@@ -267,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input, weights, hx, cx,
                                         has_biases, bidirectional, lengths, bf16_products);
   if (!s.reorders_batch()) {
-    return forward_in_order(s, input, hx, cx, need_workspace, bf16_products, empty);
+    return forward_in_order(s, input, hx, cx, need_workspace, bf16_products, BatchOrder::empty);
   }
   // the reordered output is scratch too: the caller gets its copy in the caller's order
   const BatchOrder order(s, input.device(), empty_cached);
@@ -437,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   check_backward_args(op, s, mode, input, output, workspace, grad_output, grad_h_n, grad_c_n);
   if (!s.reorders_batch()) {
     return backward_in_order(s, input, weights_arg, hx, cx, output, workspace, grad_output,
-                             grad_h_n, grad_c_n, output_mask, bf16_products, empty);
+                             grad_h_n, grad_c_n, output_mask, bf16_products, BatchOrder::empty);
   }
   // (the workspace is in the kernels' order already: forward wrote it so)
   const BatchOrder order(s, input.device(), empty_cached);

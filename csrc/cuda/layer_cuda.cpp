@@ -126,10 +126,6 @@ void check_sizes(const char* op, const LayerShape& s) {
                     ", I = ", s.I, ", H = ", s.H, ", P = ", s.P, ")");
 }
 
-Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::empty(sizes, options);
-}
-
 // layer_forward on a batch in the kernels' order (lengths sorted longest first, as s says).
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_in_order(const LayerShape& s,
                                                             const Tensor& input_arg,
@@ -199,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   check_sizes(op, s);
   const c10::cuda::CUDAGuard guard(input.device());
   if (!s.reorders_batch()) return forward_in_order(s, input, hx, cx, need_workspace);
-  const BatchOrder order(s, input.device(), empty);
+  const BatchOrder order(s, input.device(), BatchOrder::empty);
   const auto [output, h_n, c_n, workspace] = forward_in_order(
       s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx), need_workspace);
   return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
@@ -331,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
                              output_mask);
   }
   // (the workspace is in the kernels' order already: forward wrote it so)
-  const BatchOrder order(s, input.device(), empty);
+  const BatchOrder order(s, input.device(), BatchOrder::empty);
   const auto [grad_input, grad_hx, grad_cx, grad_weights] =
       backward_in_order(s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx),
                         order.to_kernel(output), workspace, order.to_kernel(grad_output),
