@@ -229,9 +229,9 @@ def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
 def select_batch(
     tensors: Sequence[Tensor | None], index: Tensor, inverse: Tensor
 ) -> list[Tensor | None]:
-    """Reorders dimension 1 (the batch of time-major inputs, outputs and states) of each
-    tensor by the permutation ``index``, whose inverse is ``inverse``; None and empty tensors
-    (c_n of a GRU, say) stay as they are."""
+    """Reorders dimension 1 (the batch of time-major tensors: a PackedSequence's states, by
+    its sorted_indices) of each tensor by the permutation ``index``, whose inverse is
+    ``inverse``; None and empty tensors (c_n of a GRU, say) stay as they are."""
     # forward-mode AD differentiates index_select itself (the Function has no jvp)
     plain = _forward_mode(tensors)
     return [

@@ -36,15 +36,21 @@ void select_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index
   });
 }
 
+// A host index on `device`: to a GPU from pinned memory without waiting, where a copy from
+// pageable memory would hold the host until the GPU's queued work is done.
+at::Tensor on_device(const at::Tensor& index, const at::Device& device) {
+  if (device.is_cpu()) return index;
+  return index.pin_memory().to(at::TensorOptions().device(device), /*non_blocking=*/true);
+}
+
 }  // namespace
 
 BatchOrder::BatchOrder(const LayerShape& s, const at::Device& device, Allocate allocate)
     : allocate_(std::move(allocate)) {
-  const at::Tensor order = at::tensor(s.batch_order, at::kLong);
-  const at::Tensor inverse = at::empty_like(order);
-  inverse.index_put_({order}, at::arange(s.B, at::kLong));
-  order_ = order.to(device);
-  inverse_ = inverse.to(device);
+  std::vector<int64_t> inverse(s.B);
+  for (int64_t b = 0; b < s.B; ++b) inverse[s.batch_order[b]] = b;
+  order_ = on_device(at::tensor(s.batch_order, at::kLong), device);
+  inverse_ = on_device(at::tensor(inverse, at::kLong), device);
 }
 
 at::Tensor BatchOrder::empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -262,15 +262,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const std::vector<Tensor> weights = loop_weights(weights_arg, input, bf16_products);
   const LayerShape s = check_layer_args("rnnext.layer_forward", mode, input, weights, hx, cx,
                                         has_biases, bidirectional, lengths, bf16_products);
-  if (!s.reorders_batch()) {
-    return forward_in_order(s, input, hx, cx, need_workspace, bf16_products, BatchOrder::empty);
-  }
-  // the reordered output is scratch too: the caller gets its copy in the caller's order
-  const BatchOrder order(s, input.device(), empty_cached);
-  const auto [output, h_n, c_n, workspace] =
-      forward_in_order(s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx),
-                       need_workspace, bf16_products, empty_cached);
-  return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
+  return forward_in_callers_order(
+      s, input, hx, cx, empty_cached,
+      [&](const Tensor& x, const optional<Tensor>& h0, const optional<Tensor>& c0,
+          const BatchOrder::Allocate& allocate_output) {
+        return forward_in_order(s, x, h0, c0, need_workspace, bf16_products, allocate_output);
+      });
 }
 
 // layer_backward on a batch in the kernels' order, its grad_input made by allocate_grad_input.
@@ -431,18 +428,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   const LayerShape s = check_layer_args(op, mode, input, weights, hx, cx, has_biases, bidirectional,
                                         lengths, bf16_products);
   check_backward_args(op, s, mode, input, output, workspace, grad_output, grad_h_n, grad_c_n);
-  if (!s.reorders_batch()) {
-    return backward_in_order(s, input, weights_arg, hx, cx, output, workspace, grad_output,
-                             grad_h_n, grad_c_n, output_mask, bf16_products, BatchOrder::empty);
-  }
-  // (the workspace is in the kernels' order already: forward wrote it so)
-  const BatchOrder order(s, input.device(), empty_cached);
-  const auto [grad_input, grad_hx, grad_cx, grad_weights] = backward_in_order(
-      s, order.to_kernel(input), weights_arg, order.to_kernel(hx), order.to_kernel(cx),
-      order.to_kernel(output), workspace, order.to_kernel(grad_output), order.to_kernel(grad_h_n),
-      order.to_kernel(grad_c_n), output_mask, bf16_products, empty_cached);
-  return {order.to_caller(grad_input), order.to_caller(grad_hx), order.to_caller(grad_cx),
-          grad_weights};
+  return backward_in_callers_order(
+      s, input, hx, cx, output, grad_output, grad_h_n, grad_c_n, empty_cached,
+      [&](const Tensor& x, const optional<Tensor>& h0, const optional<Tensor>& c0,
+          const Tensor& out, const optional<Tensor>& grad_out, const optional<Tensor>& grad_h,
+          const optional<Tensor>& grad_c, const BatchOrder::Allocate& allocate_grad_input) {
+        return backward_in_order(s, x, weights_arg, h0, c0, out, workspace, grad_out, grad_h,
+                                 grad_c, output_mask, bf16_products, allocate_grad_input);
+      });
 }
 
 }  // namespace

@@ -194,11 +194,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       check_layer_args(op, mode, input, weights, hx, cx, has_biases, bidirectional, lengths);
   check_sizes(op, s);
   const c10::cuda::CUDAGuard guard(input.device());
-  if (!s.reorders_batch()) return forward_in_order(s, input, hx, cx, need_workspace);
-  const BatchOrder order(s, input.device(), BatchOrder::empty);
-  const auto [output, h_n, c_n, workspace] = forward_in_order(
-      s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx), need_workspace);
-  return {order.to_caller(output), order.to_caller(h_n), order.to_caller(c_n), workspace};
+  // (the CUDA caching allocator already reuses memory: scratch and results are at::empty)
+  return forward_in_callers_order(
+      s, input, hx, cx, BatchOrder::empty,
+      [&](const Tensor& x, const optional<Tensor>& h0, const optional<Tensor>& c0,
+          const BatchOrder::Allocate&) { return forward_in_order(s, x, h0, c0, need_workspace); });
 }
 
 // layer_backward on a batch in the kernels' order.
@@ -322,18 +322,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> layer_backward(
   check_backward_args(op, s, mode, input, output, workspace, grad_output, grad_h_n, grad_c_n);
   check_sizes(op, s);
   const c10::cuda::CUDAGuard guard(input.device());
-  if (!s.reorders_batch()) {
-    return backward_in_order(s, input, hx, cx, output, workspace, grad_output, grad_h_n, grad_c_n,
-                             output_mask);
-  }
-  // (the workspace is in the kernels' order already: forward wrote it so)
-  const BatchOrder order(s, input.device(), BatchOrder::empty);
-  const auto [grad_input, grad_hx, grad_cx, grad_weights] =
-      backward_in_order(s, order.to_kernel(input), order.to_kernel(hx), order.to_kernel(cx),
-                        order.to_kernel(output), workspace, order.to_kernel(grad_output),
-                        order.to_kernel(grad_h_n), order.to_kernel(grad_c_n), output_mask);
-  return {order.to_caller(grad_input), order.to_caller(grad_hx), order.to_caller(grad_cx),
-          grad_weights};
+  return backward_in_callers_order(
+      s, input, hx, cx, output, grad_output, grad_h_n, grad_c_n, BatchOrder::empty,
+      [&](const Tensor& x, const optional<Tensor>& h0, const optional<Tensor>& c0,
+          const Tensor& out, const optional<Tensor>& grad_out, const optional<Tensor>& grad_h,
+          const optional<Tensor>& grad_c, const BatchOrder::Allocate&) {
+        return backward_in_order(s, x, h0, c0, out, workspace, grad_out, grad_h, grad_c,
+                                 output_mask);
+      });
 }
 
 }  // namespace
