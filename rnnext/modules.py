@@ -42,6 +42,7 @@ class _FusedRNNBase(nn.RNNBase):
         dtype=None,
         *,
         checkpoint_every: int | None = None,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             mode,
@@ -56,8 +57,19 @@ class _FusedRNNBase(nn.RNNBase):
             device=device,
             dtype=dtype,
         )
-        # rnnext's own option (not part of the state_dict): see rnnext.functional
+        # rnnext's own options (not part of the state_dict): see rnnext.functional, and
+        # _recurrent_weights below
         self.checkpoint_every = checkpoint_every
+        if (
+            isinstance(weight_dropout, bool)
+            or not isinstance(weight_dropout, (int, float))
+            or not 0 <= weight_dropout <= 1
+        ):
+            raise ValueError(
+                f"rnnext.{type(self).__name__}: weight_dropout must be a number in [0, 1], "
+                f"got {weight_dropout!r}"
+            )
+        self.weight_dropout = float(weight_dropout)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first; without it, scripting fails on forward's
@@ -71,7 +83,9 @@ class _FusedRNNBase(nn.RNNBase):
     def extra_repr(self) -> str:
         s = super().extra_repr()
         every = getattr(self, "checkpoint_every", None)
-        return s if every is None else f"{s}, checkpoint_every={every}"
+        s = s if every is None else f"{s}, checkpoint_every={every}"
+        drop = getattr(self, "weight_dropout", 0.0)
+        return s if not drop else f"{s}, weight_dropout={drop}"
 
     def _refresh_flat_weights(self) -> None:
         """torch.nn's _update_flat_weights (which re-reads the weights where one was replaced,
@@ -206,7 +220,9 @@ class _FusedRNNBase(nn.RNNBase):
             output, h, c = recurrent_layer(
                 self.mode,
                 input,
-                self._flat_weights[layer * per_layer : (layer + 1) * per_layer],
+                self._recurrent_weights(
+                    self._flat_weights[layer * per_layer : (layer + 1) * per_layer]
+                ),
                 h0[directions] if h0 is not None and layers > 1 else h0,
                 c0[directions] if c0 is not None and layers > 1 else c0,
                 has_biases=self.bias,
@@ -223,6 +239,22 @@ class _FusedRNNBase(nn.RNNBase):
             input = output
         return input, _join_layers(h_n), (_join_layers(c_n) if self.mode == "LSTM" else None)
 
+    def _recurrent_weights(self, weights: list[Tensor]) -> list[Tensor]:
+        """One layer's weights, with DropConnect on its hidden-to-hidden weights W_hh in
+        training when ``weight_dropout`` > 0: each element of each direction's W_hh is zeroed
+        with that probability and the rest scaled by 1 / (1 - p), one mask per forward call,
+        shared by every time step and batch row (the weight-dropped LSTM of Merity et al.,
+        "Regularizing and Optimizing LSTM Language Models", 2017)."""
+        # modules converted from torch.nn have no such attribute
+        p = getattr(self, "weight_dropout", 0.0)
+        if not p or not self.training:
+            return weights
+        weights = list(weights)
+        per_direction = len(weights) // (2 if self.bidirectional else 1)
+        for w_hh in range(1, len(weights), per_direction):
+            weights[w_hh] = F.dropout(weights[w_hh], p, training=True)
+        return weights
+
 
 def _join_layers(states: list[Tensor]) -> Tensor:
     """The layers' final states [D, B, *] as one [L*D, B, *]: a single layer's as it is (a
@@ -237,9 +269,10 @@ class RNN(_FusedRNNBase):
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[L*D, B, H]`` (``[L*D, H]`` unbatched)
     for L layers and D directions. Returns ``(output [T, B, D*H], h_n [L*D, B, H])``.
 
-    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`).
+    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training.
     """
 
     _torch_class = nn.RNN
@@ -258,6 +291,7 @@ class RNN(_FusedRNNBase):
         dtype=None,
         *,
         checkpoint_every: int | None = None,
+        weight_dropout: float = 0.0,
     ) -> None:
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
@@ -277,6 +311,7 @@ class RNN(_FusedRNNBase):
             device=device,
             dtype=dtype,
             checkpoint_every=checkpoint_every,
+            weight_dropout=weight_dropout,
         )
 
     def forward(
@@ -292,9 +327,10 @@ class GRU(_FusedRNNBase):
     ``batch_first``) or unbatched ``[T, I]``; ``hx`` ``[L*D, B, H]`` (``[L*D, H]`` unbatched)
     for L layers and D directions. Returns ``(output [T, B, D*H], h_n [L*D, B, H])``.
 
-    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`).
+    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training.
     """
 
     _torch_class = nn.GRU
@@ -312,6 +348,7 @@ class GRU(_FusedRNNBase):
         dtype=None,
         *,
         checkpoint_every: int | None = None,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             "GRU",
@@ -325,6 +362,7 @@ class GRU(_FusedRNNBase):
             device=device,
             dtype=dtype,
             checkpoint_every=checkpoint_every,
+            weight_dropout=weight_dropout,
         )
 
     def forward(
@@ -341,9 +379,10 @@ class LSTM(_FusedRNNBase):
     H])`` for L layers and D directions, P = ``proj_size`` or H (no batch dimension
     unbatched). Returns ``(output [T, B, D*P], (h_n [L*D, B, P], c_n [L*D, B, H]))``.
 
-    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths, and
+    Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`).
+    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training.
     """
 
     _torch_class = nn.LSTM
@@ -362,6 +401,7 @@ class LSTM(_FusedRNNBase):
         dtype=None,
         *,
         checkpoint_every: int | None = None,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             "LSTM",
@@ -376,6 +416,7 @@ class LSTM(_FusedRNNBase):
             device=device,
             dtype=dtype,
             checkpoint_every=checkpoint_every,
+            weight_dropout=weight_dropout,
         )
 
     # torch.nn.LSTM's own checks of the (h_0, c_0) pair, with its messages

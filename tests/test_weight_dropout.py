@@ -1,0 +1,94 @@
+"""weight_dropout: DropConnect on the hidden-to-hidden weights, in training only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODES, flat, make_module, weighted_loss
+from torch.func import functional_call
+
+# (mode, layers, bidirectional, proj_size): where each direction's W_hh sits in the flat
+# weights
+LAYOUTS = [(mode, 1, False, 0) for mode in MODES] + [(mode, 2, True, 0) for mode in MODES]
+LAYOUTS += [("LSTM", 2, False, 3), ("LSTM", 1, True, 2)]
+
+
+def expected_run(module, x, seed, p):
+    """torch.nn's own forward on the module's weights with each W_hh dropped by F.dropout,
+    in flat-weight order (layer by layer, forward direction first) from the same seed."""
+    torch.manual_seed(seed)
+    params = dict(module.named_parameters())
+    for name in module._flat_weights_names:
+        if name.startswith("weight_hh"):
+            params[name] = torch.nn.functional.dropout(params[name], p, training=True)
+    return _torch_forward(type(module)._torch_class, module, params, x)
+
+
+def _torch_forward(torch_class, module, params, x):
+    original = module.__class__
+    module.__class__ = torch_class  # torch.nn's forward on the same module object
+    try:
+        return functional_call(module, params, (x,))
+    finally:
+        module.__class__ = original
+
+
+def _loss(results):
+    return weighted_loss(*results, *([] if len(results) == 3 else [results[0][:0]]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "-".join(map(str, layout)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_training_drops_w_hh_as_f_dropout(layout, bias, device):
+    mode, layers, bidirectional, proj = layout
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias)
+    kwargs.update(dict(proj_size=proj) if proj else {})
+    module = make_module(mode, 3, 5, nn=False, weight_dropout=0.4, **kwargs)
+    module = module.to(device, torch.float64)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    inputs = [x, *module.parameters()]
+
+    torch.manual_seed(7)
+    got = flat(module(x))
+    got_grads = torch.autograd.grad(_loss(got), inputs)
+    expected = flat(expected_run(module, x, 7, 0.4))
+    expected_grads = torch.autograd.grad(_loss(expected), inputs)
+    for a, b in zip(got + list(got_grads), expected + list(expected_grads)):
+        torch.testing.assert_close(a, b)
+    # the mask is not trivial, and the gradient of each W_hh is zero where it dropped
+    torch.manual_seed(7)
+    for name, grad in zip([n for n, _ in module.named_parameters()], got_grads[1:]):
+        if name.startswith("weight_hh"):
+            kept = torch.nn.functional.dropout(torch.ones_like(grad), 0.4, training=True) != 0
+            assert 0 < kept.sum() < kept.numel(), name
+            assert torch.all(grad[~kept] == 0), name
+
+    # a new mask on every call
+    assert not torch.equal(flat(module(x))[0], got[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_evaluation_and_zero_leave_the_weights_alone(mode, device):
+    torch.manual_seed(1)
+    theirs = make_module(mode, 3, 4, nn=True, num_layers=2).to(device, torch.float64)
+    ours = make_module(mode, 3, 4, nn=False, num_layers=2, weight_dropout=0.5)
+    ours = ours.to(device, torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    ours.eval()
+    torch.testing.assert_close(flat(ours(x)), flat(theirs(x)))
+    ours.train()
+    ours.weight_dropout = 0.0  # an attribute, like checkpoint_every
+    torch.testing.assert_close(flat(ours(x)), flat(theirs(x)))
+    # a module converted from torch.nn has no weight dropout
+    assert "weight_dropout" not in repr(make_module(mode, 3, 4, nn=False))
+    assert "weight_dropout=0.5" in repr(make_module(mode, 3, 4, nn=False, weight_dropout=0.5))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, "0.5", None, True])
+def test_bad_values(p):
+    with pytest.raises(
+        ValueError, match=r"rnnext.GRU: weight_dropout must be a number in \[0, 1\]"
+    ):
+        make_module("GRU", 3, 4, nn=False, weight_dropout=p)
