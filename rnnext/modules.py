@@ -43,6 +43,7 @@ class _FusedRNNBase(nn.RNNBase):
         *,
         checkpoint_every: int | None = None,
         weight_dropout: float = 0.0,
+        variational_dropout: bool = False,
     ) -> None:
         super().__init__(
             mode,
@@ -70,6 +71,12 @@ class _FusedRNNBase(nn.RNNBase):
                 f"got {weight_dropout!r}"
             )
         self.weight_dropout = float(weight_dropout)
+        if not isinstance(variational_dropout, bool):
+            raise TypeError(
+                f"rnnext.{type(self).__name__}: variational_dropout must be a bool, "
+                f"got {type(variational_dropout).__name__}"
+            )
+        self.variational_dropout = variational_dropout
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first; without it, scripting fails on forward's
@@ -85,7 +92,12 @@ class _FusedRNNBase(nn.RNNBase):
         every = getattr(self, "checkpoint_every", None)
         s = s if every is None else f"{s}, checkpoint_every={every}"
         drop = getattr(self, "weight_dropout", 0.0)
-        return s if not drop else f"{s}, weight_dropout={drop}"
+        s = s if not drop else f"{s}, weight_dropout={drop}"
+        return f"{s}, variational_dropout=True" if self._variational() else s
+
+    def _variational(self) -> bool:
+        # modules converted from torch.nn have no such attribute
+        return getattr(self, "variational_dropout", False)
 
     def _refresh_flat_weights(self) -> None:
         """torch.nn's _update_flat_weights (which re-reads the weights where one was replaced,
@@ -235,7 +247,12 @@ class _FusedRNNBase(nn.RNNBase):
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 # torch.nn's place for dropout: between layers, in training only
-                output = F.dropout(output, self.dropout, training=True)
+                if self._variational():
+                    # one mask per sequence [1, B, F], the same at every time step
+                    keep = output.new_ones((1, *output.shape[1:]))
+                    output = output * F.dropout(keep, self.dropout, training=True)
+                else:
+                    output = F.dropout(output, self.dropout, training=True)
             input = output
         return input, _join_layers(h_n), (_join_layers(c_n) if self.mode == "LSTM" else None)
 
@@ -271,8 +288,9 @@ class RNN(_FusedRNNBase):
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
-    hidden-to-hidden weights in training.
+    :func:`rnnext.functional.recurrent_layer`), ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training, and ``variational_dropout=True`` for one
+    ``dropout`` mask per sequence between layers, the same at every time step.
     """
 
     _torch_class = nn.RNN
@@ -292,6 +310,7 @@ class RNN(_FusedRNNBase):
         *,
         checkpoint_every: int | None = None,
         weight_dropout: float = 0.0,
+        variational_dropout: bool = False,
     ) -> None:
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
@@ -312,6 +331,7 @@ class RNN(_FusedRNNBase):
             dtype=dtype,
             checkpoint_every=checkpoint_every,
             weight_dropout=weight_dropout,
+            variational_dropout=variational_dropout,
         )
 
     def forward(
@@ -329,8 +349,9 @@ class GRU(_FusedRNNBase):
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
-    hidden-to-hidden weights in training.
+    :func:`rnnext.functional.recurrent_layer`), ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training, and ``variational_dropout=True`` for one
+    ``dropout`` mask per sequence between layers, the same at every time step.
     """
 
     _torch_class = nn.GRU
@@ -349,6 +370,7 @@ class GRU(_FusedRNNBase):
         *,
         checkpoint_every: int | None = None,
         weight_dropout: float = 0.0,
+        variational_dropout: bool = False,
     ) -> None:
         super().__init__(
             "GRU",
@@ -363,6 +385,7 @@ class GRU(_FusedRNNBase):
             dtype=dtype,
             checkpoint_every=checkpoint_every,
             weight_dropout=weight_dropout,
+            variational_dropout=variational_dropout,
         )
 
     def forward(
@@ -381,8 +404,9 @@ class LSTM(_FusedRNNBase):
 
     Beyond torch.nn: ``forward(input, hx, lengths=...)`` for per-sequence lengths,
     ``checkpoint_every`` for bounded memory on long sequences (see
-    :func:`rnnext.functional.recurrent_layer`), and ``weight_dropout`` for DropConnect on the
-    hidden-to-hidden weights in training.
+    :func:`rnnext.functional.recurrent_layer`), ``weight_dropout`` for DropConnect on the
+    hidden-to-hidden weights in training, and ``variational_dropout=True`` for one
+    ``dropout`` mask per sequence between layers, the same at every time step.
     """
 
     _torch_class = nn.LSTM
@@ -402,6 +426,7 @@ class LSTM(_FusedRNNBase):
         *,
         checkpoint_every: int | None = None,
         weight_dropout: float = 0.0,
+        variational_dropout: bool = False,
     ) -> None:
         super().__init__(
             "LSTM",
@@ -417,6 +442,7 @@ class LSTM(_FusedRNNBase):
             dtype=dtype,
             checkpoint_every=checkpoint_every,
             weight_dropout=weight_dropout,
+            variational_dropout=variational_dropout,
         )
 
     # torch.nn.LSTM's own checks of the (h_0, c_0) pair, with its messages

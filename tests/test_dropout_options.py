@@ -1,4 +1,5 @@
-"""weight_dropout: DropConnect on the hidden-to-hidden weights, in training only."""
+"""rnnext's dropout options beyond torch.nn's: weight_dropout (DropConnect on the
+hidden-to-hidden weights) and variational_dropout (one mask per sequence between layers)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,54 @@ def test_bad_values(p):
         ValueError, match=r"rnnext.GRU: weight_dropout must be a number in \[0, 1\]"
     ):
         make_module("GRU", 3, 4, nn=False, weight_dropout=p)
+    if not isinstance(p, bool):
+        with pytest.raises(TypeError, match="rnnext.LSTM: variational_dropout must be a bool"):
+            make_module("LSTM", 3, 4, nn=False, variational_dropout=p)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_variational_dropout_keeps_one_mask_per_sequence(mode, batch_first, device):
+    """A 3-layer module in training equals its layers run one by one as torch.nn modules with
+    each inter-layer output multiplied by a [1, B, F] mask of F.dropout, drawn from the same
+    seed: the same elements dropped at every time step."""
+    torch.manual_seed(2)
+    B, T, F = 3, 6, 4
+    options = dict(num_layers=3, dropout=0.5, variational_dropout=True, batch_first=batch_first)
+    ours = make_module(mode, 3, F, nn=False, **options).to(device, torch.float64).train()
+    assert "variational_dropout=True" in repr(ours)
+    x = torch.randn(T, B, 3, dtype=torch.float64, device=device, requires_grad=True)
+    torch.manual_seed(9)
+    got = flat(ours(x.transpose(0, 1) if batch_first else x))
+    if batch_first:
+        got[0] = got[0].transpose(0, 1)
+    inputs = [x, *ours.parameters()]
+    got_grads = torch.autograd.grad(_loss(got), inputs)
+
+    layers = [make_module(mode, 3 if i == 0 else F, F, nn=True) for i in range(3)]
+    params = dict(ours.named_parameters())
+    output, states = x, []
+    torch.manual_seed(9)
+    for i, layer in enumerate(layers):
+        layer = layer.to(device, torch.float64)
+        suffix = f"_l{i}"
+        own = {n[: -len(suffix)] + "_l0": p for n, p in params.items() if n.endswith(suffix)}
+        output, h = functional_call(layer, own, (output,))
+        states.append(h)
+        if i < 2:
+            keep = torch.nn.functional.dropout(output.new_ones(1, B, F), 0.5, training=True)
+            assert 0 < keep.count_nonzero() < keep.numel()
+            output = output * keep
+    if mode == "LSTM":
+        expected = [output, torch.cat([h for h, _ in states]), torch.cat([c for _, c in states])]
+    else:
+        expected = [output, torch.cat(states)]
+    expected_grads = torch.autograd.grad(_loss(expected), inputs)
+    for a, b in zip(got + list(got_grads), expected + list(expected_grads)):
+        torch.testing.assert_close(a, b)
+
+    # evaluation drops nothing: torch.nn's result
+    theirs = make_module(mode, 3, F, nn=True, num_layers=3, dropout=0.5, batch_first=batch_first)
+    theirs = theirs.to(device, torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(flat(ours.eval()(x)), flat(theirs.eval()(x)))
