@@ -3,10 +3,14 @@ hidden-to-hidden weights) and variational_dropout (one mask per sequence between
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import MODES, flat, make_module, weighted_loss
 from torch.func import functional_call
+
+import rnnext
 
 # (mode, layers, bidirectional, proj_size): where each direction's W_hh sits in the flat
 # weights
@@ -82,8 +86,15 @@ def test_evaluation_and_zero_leave_the_weights_alone(mode, device):
     ours.train()
     ours.weight_dropout = 0.0  # an attribute, like checkpoint_every
     torch.testing.assert_close(flat(ours(x)), flat(theirs(x)))
-    # a module converted from torch.nn has no weight dropout
-    assert "weight_dropout" not in repr(make_module(mode, 3, 4, nn=False))
+    # a module converted from torch.nn has neither attribute, and trains without them
+    theirs = make_module(mode, 3, 4, nn=True, num_layers=2, dropout=0.5)
+    theirs = theirs.to(device, torch.float64).train()
+    converted = rnnext.convert(copy.deepcopy(theirs))
+    assert not hasattr(converted, "weight_dropout") and "dropout=0.5)" in repr(converted)
+    torch.manual_seed(3)
+    expected = flat(theirs(x))
+    torch.manual_seed(3)
+    torch.testing.assert_close(flat(converted(x)), expected)
     assert "weight_dropout=0.5" in repr(make_module(mode, 3, 4, nn=False, weight_dropout=0.5))
 
 
