@@ -11,6 +11,8 @@ torch.compile refuses to trace those three classes; rnnext's modules compile as 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -61,21 +63,7 @@ class _FusedRNNBase(nn.RNNBase):
         # rnnext's own options (not part of the state_dict): see rnnext.functional, and
         # _recurrent_weights below
         self.checkpoint_every = checkpoint_every
-        if (
-            isinstance(weight_dropout, bool)
-            or not isinstance(weight_dropout, (int, float))
-            or not 0 <= weight_dropout <= 1
-        ):
-            raise ValueError(
-                f"rnnext.{type(self).__name__}: weight_dropout must be a number in [0, 1], "
-                f"got {weight_dropout!r}"
-            )
-        self.weight_dropout = float(weight_dropout)
-        if not isinstance(variational_dropout, bool):
-            raise TypeError(
-                f"rnnext.{type(self).__name__}: variational_dropout must be a bool, "
-                f"got {type(variational_dropout).__name__}"
-            )
+        self.weight_dropout = weight_dropout  # (checked by the properties below)
         self.variational_dropout = variational_dropout
 
     def __prepare_scriptable__(self):
@@ -91,13 +79,40 @@ class _FusedRNNBase(nn.RNNBase):
         s = super().extra_repr()
         every = getattr(self, "checkpoint_every", None)
         s = s if every is None else f"{s}, checkpoint_every={every}"
-        drop = getattr(self, "weight_dropout", 0.0)
-        s = s if not drop else f"{s}, weight_dropout={drop}"
-        return f"{s}, variational_dropout=True" if self._variational() else s
+        s = s if not self.weight_dropout else f"{s}, weight_dropout={self.weight_dropout}"
+        return f"{s}, variational_dropout=True" if self.variational_dropout else s
 
-    def _variational(self) -> bool:
-        # modules converted from torch.nn have no such attribute
-        return getattr(self, "variational_dropout", False)
+    # rnnext's dropout options, checked whenever they are set; a module converted from
+    # torch.nn, whose constructor did not run, reads the defaults
+    @property
+    def weight_dropout(self) -> float:
+        """DropConnect probability on each direction's W_hh in training (0: none); see
+        ``_recurrent_weights``."""
+        return self.__dict__.get("_weight_dropout", 0.0)
+
+    @weight_dropout.setter
+    def weight_dropout(self, p: float) -> None:
+        # torch.nn's own rule for its `dropout`: a number, not a bool, in [0, 1]
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+            raise ValueError(
+                f"rnnext.{type(self).__name__}: weight_dropout must be a number in [0, 1], "
+                f"got {p!r}"
+            )
+        self.__dict__["_weight_dropout"] = float(p)
+
+    @property
+    def variational_dropout(self) -> bool:
+        """Whether ``dropout`` between layers draws one mask per sequence for all its steps."""
+        return self.__dict__.get("_variational_dropout", False)
+
+    @variational_dropout.setter
+    def variational_dropout(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"rnnext.{type(self).__name__}: variational_dropout must be True or False, "
+                f"got {value!r}"
+            )
+        self.__dict__["_variational_dropout"] = value
 
     def _refresh_flat_weights(self) -> None:
         """torch.nn's _update_flat_weights (which re-reads the weights where one was replaced,
@@ -247,7 +262,7 @@ class _FusedRNNBase(nn.RNNBase):
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 # torch.nn's place for dropout: between layers, in training only
-                if self._variational():
+                if self.variational_dropout:
                     # one mask per sequence [1, B, F], the same at every time step
                     keep = output.new_ones((1, *output.shape[1:]))
                     output = output * F.dropout(keep, self.dropout, training=True)
@@ -262,8 +277,7 @@ class _FusedRNNBase(nn.RNNBase):
         with that probability and the rest scaled by 1 / (1 - p), one mask per forward call,
         shared by every time step and batch row (the weight-dropped LSTM of Merity et al.,
         "Regularizing and Optimizing LSTM Language Models", 2017)."""
-        # modules converted from torch.nn have no such attribute
-        p = getattr(self, "weight_dropout", 0.0)
+        p = self.weight_dropout
         if not p or not self.training:
             return weights
         weights = list(weights)
@@ -276,9 +290,11 @@ class _FusedRNNBase(nn.RNNBase):
 def drop_connect(weight: Tensor, p: float) -> Tensor:
     """``weight`` with each element kept where a uniform draw in [0, 1) is at least ``p`` and
     scaled by 1 / (1 - p), zeroed elsewhere. (F.dropout does the same with Bernoulli draws,
-    which on the CPU took 2.4 ms for a 768 x 256 weight against 0.7 ms this way.)"""
-    keep = torch.rand_like(weight) >= p
-    return weight * keep.to(weight.dtype).mul_(1.0 / (1.0 - p) if p < 1 else 0.0)
+    which on the CPU took 2.4 ms for a 768 x 256 weight against 0.7 ms this way.) The draws
+    are float32 whatever the weight's dtype: bfloat16 draws take 256 values, which would skew
+    the dropped fraction; the scale multiplies the product, not a rounded copy of itself."""
+    keep = torch.rand(weight.shape, device=weight.device) >= p
+    return weight.mul(keep).mul_(1.0 / (1.0 - p) if p < 1 else 0.0)
 
 
 def _join_layers(states: list[Tensor]) -> Tensor:

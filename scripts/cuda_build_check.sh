@@ -23,7 +23,15 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is No
   # through a temporary folder as well: a disk too full for that is this machine's state, not
   # a fault in the CUDA sources, so say so and leave the check out rather than fail halfway.
   need_gb=${RNNEXT_CUDA_CHECK_MIN_FREE_GB:-12}
-  free_gb=$(df -Pk . "${TMPDIR:-/tmp}" | awk 'NR > 1 { kb = (NR == 2 || $4 < kb) ? $4 : kb }
+  if ! [[ "$need_gb" =~ ^[0-9]+$ ]]; then
+    echo "cuda build check: RNNEXT_CUDA_CHECK_MIN_FREE_GB must be a whole number of GB," \
+      "got '$need_gb'" >&2
+    exit 1
+  fi
+  tmp=${TMPDIR:-/tmp}
+  [ -d "$tmp" ] || tmp=/tmp
+  # the smaller of the two filesystems' free space (the same one twice is fine)
+  free_gb=$(df -Pk . "$tmp" | awk 'NR > 1 { kb = (NR == 2 || $4 < kb) ? $4 : kb }
     END { print int(kb / 1048576) }')
   if [ "$free_gb" -lt "$need_gb" ]; then
     echo "cuda build check: skipped, ${free_gb} GB free on disk where the CUDA build of torch" \
@@ -32,7 +40,8 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is No
   fi
   echo "cuda build check: installing a CUDA build of torch into $venv (a few minutes)..." >&2
   "$PYTHON" -m venv "$venv"
-  "$venv/bin/python" -m pip install --disable-pip-version-check -q \
+  # (no copy of the wheels in pip's cache: several GB more on the same disk)
+  "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q \
     "${RNNEXT_CUDA_TORCH:-torch}" numpy ninja setuptools wheel
 fi
 echo "cuda build check: compiling (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})..." >&2

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import MODES, flat, make_module, weighted_loss
 from torch.func import functional_call
 
 import rnnext
+from rnnext.modules import drop_connect
 
 # (mode, layers, bidirectional, proj_size): where each direction's W_hh sits in the flat
 # weights
@@ -22,7 +24,7 @@ def keep_masks(module, p):
     """Each W_hh's mask of kept elements, in flat-weight order (layer by layer, forward
     direction first): uniform draws of at least p."""
     return {
-        name: torch.rand_like(weight) >= p
+        name: torch.rand(weight.shape, device=weight.device) >= p
         for name, weight in module.named_parameters()
         if name.startswith("weight_hh")
     }
@@ -98,7 +100,8 @@ def test_evaluation_and_zero_leave_the_weights_alone(mode, device):
     theirs = make_module(mode, 3, 4, nn=True, num_layers=2, dropout=0.5)
     theirs = theirs.to(device, torch.float64).train()
     converted = rnnext.convert(copy.deepcopy(theirs))
-    assert not hasattr(converted, "weight_dropout") and "dropout=0.5)" in repr(converted)
+    assert "_weight_dropout" not in converted.__dict__ and "dropout=0.5)" in repr(converted)
+    assert converted.weight_dropout == 0.0 and converted.variational_dropout is False
     torch.manual_seed(3)
     expected = flat(theirs(x))
     torch.manual_seed(3)
@@ -106,15 +109,26 @@ def test_evaluation_and_zero_leave_the_weights_alone(mode, device):
     assert "weight_dropout=0.5" in repr(make_module(mode, 3, 4, nn=False, weight_dropout=0.5))
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.5, "0.5", None, True])
-def test_bad_values(p):
-    with pytest.raises(
-        ValueError, match=r"rnnext.GRU: weight_dropout must be a number in \[0, 1\]"
-    ):
-        make_module("GRU", 3, 4, nn=False, weight_dropout=p)
-    if not isinstance(p, bool):
-        with pytest.raises(TypeError, match="rnnext.LSTM: variational_dropout must be a bool"):
-            make_module("LSTM", 3, 4, nn=False, variational_dropout=p)
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.5", None, True])
+def test_bad_values(value):
+    """Checked in the constructor and whenever set as an attribute, naming what came."""
+    message = rf"rnnext.GRU: weight_dropout must be a number in \[0, 1\], got {value!r}"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make_module("GRU", 3, 4, nn=False, weight_dropout=value)
+    module = make_module("GRU", 3, 4, nn=False, weight_dropout=0.25)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        module.weight_dropout = value
+    assert module.weight_dropout == 0.25
+    if not isinstance(value, bool):
+        message = f"rnnext.GRU: variational_dropout must be True or False, got {value!r}"
+        with pytest.raises(TypeError, match=message):
+            make_module("GRU", 3, 4, nn=False, variational_dropout=value)
+        with pytest.raises(TypeError, match=message):
+            module.variational_dropout = value
+        assert module.variational_dropout is False
+    # numbers of other types, as torch.nn's dropout takes them
+    module.weight_dropout = np.float32(0.5)
+    assert module.weight_dropout == 0.5 and type(module.weight_dropout) is float
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -182,3 +196,19 @@ def test_weight_dropout_of_one_zeroes_w_hh(dtype):
     assert all(t.abs().max() < 1 for t in got)
     tolerance = dict(atol=2**-8, rtol=0) if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(got, flat(theirs(x)), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drop_connect_draws_in_float32(dtype):
+    """The mask of a half-precision weight comes from float32 draws (bfloat16 draws take 256
+    values), and the kept elements are the weight times 1 / (1 - p), rounded once."""
+    weight = torch.randn(400, 250).to(dtype)
+    torch.manual_seed(5)
+    dropped = drop_connect(weight, 0.001)
+    torch.manual_seed(5)
+    keep = torch.rand(weight.shape) >= 0.001
+    assert dropped.dtype == dtype
+    expected = (weight.float() * keep * (1 / 0.999)).to(dtype)
+    torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
+    # 100 of 100000 expected; a bfloat16 draw's rounding would drop three times as many
+    assert 50 < (~keep).sum() < 150
