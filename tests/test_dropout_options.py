@@ -212,3 +212,32 @@ def test_drop_connect_draws_in_float32(dtype):
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
     # 100 of 100000 expected; a bfloat16 draw's rounding would drop three times as many
     assert 50 < (~keep).sum() < 150
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_dropout_options_with_lengths_packed_and_checkpoints(mode, device):
+    """From the same seed, lengths, a PackedSequence and checkpoint_every draw the same masks
+    and give the same results as each other. (The lengths are sorted: a PackedSequence runs
+    its batch sorted longest first, so with unsorted lengths its per-sequence masks would fall
+    to other sequences than with ``lengths=``, equally random but not equal.)"""
+    torch.manual_seed(0)
+    options = dict(num_layers=2, dropout=0.5, weight_dropout=0.3, variational_dropout=True)
+    module = make_module(mode, 3, 4, nn=False, **options).to(device, torch.float64)
+    x = torch.randn(6, 3, 3, dtype=torch.float64, device=device)
+    lengths = torch.tensor([6, 4, 2])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+
+    def run(**kwargs):
+        torch.manual_seed(8)
+        if "packed" in kwargs:
+            output, hidden = module(packed)
+            output = torch.nn.utils.rnn.pad_packed_sequence(output, total_length=6)[0]
+            return flat((output, hidden))
+        return flat(module(x, lengths=lengths))
+
+    expected = run()
+    torch.testing.assert_close(run(packed=True), expected)
+    module.checkpoint_every = 2
+    torch.testing.assert_close(run(), expected)
+    torch.manual_seed(9)
+    assert not torch.equal(flat(module(x, lengths=lengths))[0], expected[0])
