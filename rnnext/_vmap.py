@@ -110,7 +110,7 @@ def layer_vmap_rule(
     return staticmethod(rule)
 
 
-if hasattr(torch.library, "register_vmap"):  # torch >= 2.4
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5 (else see functional.py)
     # layer_forward(mode, input, weights, hx, cx, has_biases, bidirectional, lengths,
     # need_workspace, bf16_products), which inference calls directly
     torch.library.register_vmap(

@@ -121,9 +121,10 @@ def recurrent_layer(
     # (lengths in any order: the op runs its kernels on the batch sorted longest first and
     # returns the results in the caller's order)
     tensors = (input, hx, cx, *weights)
-    if _forward_mode(tensors):
+    if _forward_mode(tensors) or _transforms_without_op_rules():
         # Forward-mode AD differentiates the reference's plain ops itself; an autograd
-        # Function with a jvp of its own would break torch.compile's graph.
+        # Function with a jvp of its own would break torch.compile's graph. (And vmap maps
+        # them itself where the ops have no vmap rules.)
         output, h_n, c_n = reference_layer(
             mode, has_biases, bidirectional, bf16_products, lengths, *tensors
         )
@@ -223,6 +224,10 @@ def reverse_in_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     ends = lengths.to(x.device)[None, :]
     source = torch.where(steps < ends, ends - 1 - steps, steps)
     index = source[:, :, None].expand(x.shape)
+    if torch.compiler.is_compiling():
+        # a plain gather, which the compiler differentiates itself: torch.compile of torch 2.4
+        # and 2.5 fails on a second _Permutation after a checkpointed layer in one graph
+        return x.gather(0, index)
     return _Permutation.apply(x, 0, index, None)  # (its own inverse)
 
 
@@ -267,7 +272,9 @@ class _Permutation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        if grad.stride(ctx.dim) == 0:
+        # (not while compiling: torch.compile of torch 2.4 and 2.5 cannot trace a stride
+        # there, and the permuted copy is the same values)
+        if not torch.compiler.is_compiling() and grad.stride(ctx.dim) == 0:
             return grad, None, None, None
         return _permuted(grad, ctx.dim, inverse), None, None, None
 
@@ -332,6 +339,20 @@ def _forward_mode(tensors) -> bool:
     if getattr(_forward_ad, "_current_level", -1) < 0:  # no dual level open
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+# torch.library.register_vmap (torch >= 2.5) gives the ops their vmap rules (rnnext._vmap)
+_OPS_HAVE_VMAP_RULES = hasattr(torch.library, "register_vmap")
+
+
+def _transforms_without_op_rules() -> bool:
+    """Whether this call runs under a torch.func transform on a torch whose ops cannot have
+    vmap rules (torch 2.4). The layer then runs as rnnext.reference's plain ops, which vmap
+    maps itself: the same results, step by step in Python. (Under grad or vjp too, since
+    their backward may run under vmap, as torch.func.jacrev runs it.)"""
+    if _OPS_HAVE_VMAP_RULES or torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
 
 
 def _check_device(input: Tensor) -> None:

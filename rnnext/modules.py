@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import check_lengths, recurrent_layer, select_batch
+from .functional import _any_autocast_enabled, check_lengths, recurrent_layer, select_batch
 
 Tensor = torch.Tensor
 
@@ -161,10 +161,7 @@ class _FusedRNNBase(nn.RNNBase):
             input = input.unsqueeze(batch_dim)
             states = [s.unsqueeze(1) if s is not None else None for s in states]
             lengths = torch.as_tensor(lengths).reshape(1) if lengths is not None else None
-        if hx is None:
-            self.check_input(input, None)
-        else:
-            self.check_forward_args(input, tuple(states) if is_lstm else states[0], None)
+        self._check_input_and_states(input, states)
         if self.batch_first:
             input = input.transpose(0, 1)
         if lengths is not None:
@@ -208,6 +205,44 @@ class _FusedRNNBase(nn.RNNBase):
         )
         return output, hidden
 
+    def _check_input_and_states(self, input: Tensor, states: list, batch_sizes=None) -> None:
+        """torch.nn's checks of the input and the initial states (RNNBase.check_forward_args,
+        LSTM's), with its messages. Written here because torch.compile of torch 2.4 and 2.5
+        (and torch.export of 2.5) cannot trace torch.nn's own. ``input`` is [T, B, I] (B
+        first with batch_first), or a PackedSequence's data [N, I] with its ``batch_sizes``;
+        ``states`` holds h_0 and c_0, each a tensor or None."""
+        weight = self._flat_weights[0]
+        if input.dtype != weight.dtype and not _any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: "
+                f"model.to({input.dtype})"
+            )
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                "input.size(-1) must be equal to input_size. "
+                f"Expected {self.input_size}, got {input.size(-1)}"
+            )
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        is_lstm = self.mode == "LSTM"
+        expected = [
+            (
+                (layers, batch, self.proj_size or self.hidden_size),
+                "hidden[0]" if is_lstm else "hidden",
+            ),
+            ((layers, batch, self.hidden_size), "hidden[1]"),
+        ]
+        for state, (size, label) in zip(states, expected):
+            if state is not None and state.size() != size:
+                raise RuntimeError(f"Expected {label} size {size}, got {list(state.size())}")
+
     def _packed_forward(self, packed: PackedSequence, states: list):
         """A PackedSequence runs as its padded, sorted batch with lengths, in the same kernels."""
         data, batch_sizes, sorted_indices, unsorted_indices = packed
@@ -217,9 +252,7 @@ class _FusedRNNBase(nn.RNNBase):
         rows = active.flatten().nonzero().squeeze(1).to(data.device)
         padded = data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data)
         lengths = active.sum(0)
-        if any(s is not None for s in states):
-            hidden = tuple(states) if self.mode == "LSTM" else states[0]
-            self.check_forward_args(data, hidden, batch_sizes)
+        self._check_input_and_states(data, states, batch_sizes)
         if sorted_indices is not None:
             states = select_batch(states, sorted_indices, unsorted_indices)
         output, h_n, c_n = self._layers(padded.view(T, B, -1), states, lengths)
@@ -469,7 +502,8 @@ class LSTM(_FusedRNNBase):
             variational_dropout=variational_dropout,
         )
 
-    # torch.nn.LSTM's own checks of the (h_0, c_0) pair, with its messages
+    # torch.nn.LSTM's own methods for checking the (h_0, c_0) pair, which code written for
+    # torch.nn may call (the forward checks in _check_input_and_states)
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
