@@ -12,6 +12,7 @@ torch.compile refuses to trace those three classes; rnnext's modules compile as 
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -544,5 +545,23 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`convert`: rnnext.RNN, GRU and LSTM become torch.nn's again."""
+    """The inverse of :func:`convert`: rnnext.RNN, GRU and LSTM become torch.nn's again.
+
+    torch.nn has no ``weight_dropout``, ``variational_dropout`` or ``checkpoint_every``: a
+    module that uses one of them warns that torch.nn's forward will not (the values stay on the
+    module, so a later :func:`convert` uses them again)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _FusedRNNBase):
+            options = {
+                "weight_dropout": module.weight_dropout,
+                "variational_dropout": module.variational_dropout,
+                "checkpoint_every": getattr(module, "checkpoint_every", None),
+            }
+            used = [f"{k}={v}" for k, v in options.items() if v not in (0.0, False, None)]
+            if used:
+                warnings.warn(
+                    f"rnnext.revert: torch.nn has no {', '.join(used)}; "
+                    f"torch.nn's forward of {name or 'the model'} will not use them",
+                    stacklevel=2,
+                )
     return _swap_classes(model, _TO_TORCH)

@@ -4,6 +4,7 @@ hidden-to-hidden weights) and variational_dropout (one mask per sequence between
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -241,3 +242,21 @@ def test_dropout_options_with_lengths_packed_and_checkpoints(mode, device):
     torch.testing.assert_close(run(), expected)
     torch.manual_seed(9)
     assert not torch.equal(flat(module(x, lengths=lengths))[0], expected[0])
+
+
+def test_revert_warns_of_options_torch_nn_lacks():
+    model = torch.nn.Sequential(
+        rnnext.GRU(3, 4, weight_dropout=0.2), rnnext.LSTM(4, 4, checkpoint_every=2)
+    )
+    with pytest.warns(UserWarning) as record:
+        rnnext.revert(model)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert "torch.nn has no weight_dropout=0.2; torch.nn's forward of 0 will not" in messages[0]
+    assert "no checkpoint_every=2; torch.nn's forward of 1" in messages[1]
+    assert type(model[0]) is torch.nn.GRU
+    assert rnnext.convert(model)[0].weight_dropout == 0.2  # kept for a later convert
+    # a plain module reverts without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnnext.revert(rnnext.convert(torch.nn.LSTM(3, 4)))
