@@ -110,7 +110,11 @@ def layer_vmap_rule(
     return staticmethod(rule)
 
 
-if hasattr(torch.library, "register_vmap"):  # torch >= 2.5 (else see functional.py)
+# torch.library.register_vmap (torch >= 2.5) gives the ops the rules below; without it, layers
+# under torch.func transforms run as rnnext.reference (functional._transforms_without_op_rules)
+OPS_HAVE_VMAP_RULES = hasattr(torch.library, "register_vmap")
+
+if OPS_HAVE_VMAP_RULES:
     # layer_forward(mode, input, weights, hx, cx, has_biases, bidirectional, lengths,
     # need_workspace, bf16_products), which inference calls directly
     torch.library.register_vmap(

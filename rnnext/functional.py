@@ -14,6 +14,7 @@ from ._autograd import (
     functorch_transforms,
     reference_layer,
 )
+from ._vmap import OPS_HAVE_VMAP_RULES
 
 Tensor = torch.Tensor
 
@@ -341,16 +342,12 @@ def _forward_mode(tensors) -> bool:
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-# torch.library.register_vmap (torch >= 2.5) gives the ops their vmap rules (rnnext._vmap)
-_OPS_HAVE_VMAP_RULES = hasattr(torch.library, "register_vmap")
-
-
 def _transforms_without_op_rules() -> bool:
     """Whether this call runs under a torch.func transform on a torch whose ops cannot have
     vmap rules (torch 2.4). The layer then runs as rnnext.reference's plain ops, which vmap
     maps itself: the same results, step by step in Python. (Under grad or vjp too, since
     their backward may run under vmap, as torch.func.jacrev runs it.)"""
-    if _OPS_HAVE_VMAP_RULES or torch.compiler.is_compiling():
+    if OPS_HAVE_VMAP_RULES or torch.compiler.is_compiling():
         return False
     return torch._C._are_functorch_transforms_active()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the test suite against another torch release (default 2.4.1, the oldest pyproject.toml
-# admits), to check that claim: that torch goes into its own virtual environment
-# (.venv-torch-VERSION, kept for the next run), a copy of the working tree into
+# Runs the test suite against another torch release (default 2.4.1, the oldest that
+# pyproject.toml admits). That torch goes into a virtual environment of its own
+# (.venv-torch-VERSION, kept for the next run) and a copy of the working tree into
 # .build-torch-VERSION, where the extension is built (CPU part only) and tested. The package's
 # own build and environment are left alone. Arguments after the version go to pytest.
 #   bash scripts/test_torch_version.sh [VERSION] [pytest arguments]
@@ -19,7 +19,7 @@ if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split(
   2>/dev/null; then
   echo "test_torch_version: installing torch $version into $venv (a few GB)..." >&2
   "$PYTHON" -m venv "$venv"
-  # numpy 1.x: torch releases before 2.3 were built against it, later ones take either
+  # numpy 1.x, which every torch release from 2.4 on runs with
   "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q \
     "torch==$version" "numpy<2" ninja setuptools wheel pytest hypothesis
 fi

@@ -10,6 +10,7 @@ import torch
 from conftest import MODES, make_module
 
 from rnnext import _autograd
+from rnnext._vmap import OPS_HAVE_VMAP_RULES
 
 N = 3  # samples mapped over
 
@@ -86,11 +87,6 @@ def test_vmap_over_initial_states(mode, device):
         return flat(module(x, hx))
 
     assert_all_close(torch.func.vmap(call)(h0s), per_sample(call, h0s))
-
-
-# torch.library.register_vmap (torch >= 2.5) gives rnnext's ops their vmap rules; before it,
-# layers under torch.func transforms run as rnnext.reference's plain ops
-OPS_HAVE_VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 
 @pytest.mark.skipif(not OPS_HAVE_VMAP_RULES, reason="torch 2.4: no vmap rules for ops")
